@@ -1,0 +1,331 @@
+"""Hydra structured-config schema: one dataclass per config group, registered in the ConfigStore.
+
+Hydra composes recipes against this schema in struct mode, so an unknown key (``trainer.nonexistent=1``)
+or a value of the wrong type fails at composition. ``validate(cfg)`` then checks values and paths and
+raises ``ConfigError`` naming the key, before Ray or any model starts. Validation raises; it never fixes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "outputs/${run.name}"  # run directory: config.yaml, metrics.jsonl, checkpoints/, plots
+    seed: int = 0
+    resume: str = "auto"  # auto: continue the latest complete checkpoint in run.dir | never | <checkpoint dir>
+    deterministic: bool = False
+
+
+@dataclass
+class TinyModelConfig:
+    """A Qwen2-architecture model and a byte-level BPE tokenizer built locally (no downloads)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512  # BPE vocabulary trained on the task's own text
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # "tiny" (built locally), a local HF model dir, or a hub name
+    cache_dir: str = "${oc.env:RLTRAIN_CACHE,'~/.cache/rltrain'}"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    task: str = "arithmetic"  # arithmetic | countdown | jsonl | parquet | hf
+    path: str | None = None  # file for jsonl/parquet, dataset name for hf
+    hf_split: str = "train"
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    template: str = "plain"  # plain | chat
+    system_prompt: str | None = None
+    num_train: int = 20000  # procedural tasks: rows generated for training
+    num_eval: int = 200  # held-out rows (procedural: disjoint from train; files: last rows)
+    seed: int = 1234
+    task_params: dict[str, Any] = field(default_factory=dict)  # e.g. {digits: 2} for arithmetic
+    max_prompt_tokens: int = 128
+
+
+@dataclass
+class TreeConfig:
+    """Tree-segment sampling (TreePO). See docs/algorithms.md."""
+
+    segment_len: int = 16  # l: max tokens per segment
+    max_depth: int = 6  # d: max segments per trajectory
+    width: int = 8  # w: finished trajectories per prompt (group size)
+    branching: int = 2  # b: children per fork
+    init_divergence_min: int = -1  # -1: use branching
+    init_divergence_max: int = -1
+    divergence_policy: str = "even"  # even | logprob | entropy
+    divergence_temperature: float = 2.0
+    fallback: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "torch"  # torch | vllm | auto
+    sampler: str = "flat"  # flat | tree
+    num_workers: int = 1
+    n: int = 8  # responses per prompt (group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 32
+    stop_strings: list[str] = field(default_factory=list)
+    eval_temperature: float = 0.0
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    logprob_diff_warn: float = 0.05  # rollout/logprob_diff above this: loud warning
+    logprob_diff_error: float = 1.0  # above this: error naming the likely cause
+
+
+@dataclass
+class RewardFunctionConfig:
+    fn: str = MISSING  # built-in name ("math"), "path/file.py:name" or "pkg.mod:name"
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    functions: list[RewardFunctionConfig] = field(default_factory=list)
+    num_workers: int = 2  # grader processes
+    timeout_s: float = 5.0  # per-call wall-clock deadline, enforced from outside the grader
+    memory_mb: int = 1024
+    on_error: float = 0.0  # reward of a sample whose grader raised, hung, crashed or returned non-finite
+    batch_size: int = 64
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    advantage: str = "grpo"  # registry name, see rltrain.algo
+    advantage_params: dict[str, Any] = field(default_factory=dict)
+    policy_loss: str = "ppo_clip"  # ppo_clip | gspo
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm
+    loss_agg_constant: float | None = None  # seq_mean_token_sum_norm: C (default: rollout.max_tokens)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_c: float | None = None  # dual-clip constant (> 1); None disables
+    tis_cap: float | None = None  # truncated importance sampling against rollout logprobs; None disables
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False
+    thr: dict[str, Any] = field(default_factory=dict)  # THR token reweighting options; empty disables
+    dynamic_sampling: bool = False
+    filter_metric: str = "score"  # score | acc
+    max_gen_batches: int = 10
+    overlong_buffer: int = 0  # soft overlong punishment buffer (tokens); 0 disables
+    overlong_penalty: float = 1.0
+    overlong_filter: bool = False  # mask truncated samples out of the loss
+    epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass
+
+
+@dataclass
+class LearnerConfig:
+    backend: str = "torch"  # torch | deepspeed
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine | linear
+    grad_clip: float = 1.0
+    micro_batch_size: int = 16
+    world_size: int = 1
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    export_bucket_mb: int = 64
+    use_reference: bool = False  # keep a frozen reference model (needed for KL)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 20
+    prompts_per_step: int = 8
+    eval_every: int = 0  # 0: evaluate only before and after training
+    eval_before: bool = True
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = False  # quickstart: warm-start the base model on the task before RL
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    output: str = "${model.cache_dir}/sft"  # cached warm-started model (reused when present)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, otherwise offline | online | offline | disabled
+    project: str = "rltrain"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrackingConfig:
+    progress: bool = True
+    plots: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ClusterConfig:
+    mode: str = "local"  # local: start a local Ray | address: connect to an existing Ray cluster
+    address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: int = 0
+    omp_threads: int = 1
+
+
+@dataclass
+class RLTrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "reward": RewardConfig,
+    "algorithm": AlgorithmConfig,
+    "learner": LearnerConfig,
+    "cluster": ClusterConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schema so recipes can say ``defaults: [rltrain_schema, ...]``."""
+    store = ConfigStore.instance()
+    store.store(name="rltrain_schema", node=RLTrainConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name="schema", node=schema)
+
+
+_CHOICES = {
+    "rollout.engine": ("torch", "vllm", "auto"),
+    "rollout.sampler": ("flat", "tree"),
+    "rollout.tree.divergence_policy": ("even", "logprob", "entropy"),
+    "learner.backend": ("torch", "deepspeed"),
+    "learner.lr_schedule": ("constant", "cosine", "linear"),
+    "data.task": ("arithmetic", "countdown", "jsonl", "parquet", "hf"),
+    "data.template": ("plain", "chat"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "cluster.mode": ("local", "address"),
+    "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),
+    "algorithm.policy_loss": ("ppo_clip", "gspo"),
+    "algorithm.filter_metric": ("score", "acc"),
+}
+_POSITIVE = (
+    "rollout.n",
+    "rollout.max_tokens",
+    "rollout.num_workers",
+    "trainer.steps",
+    "trainer.prompts_per_step",
+    "learner.micro_batch_size",
+    "learner.world_size",
+    "reward.num_workers",
+    "reward.timeout_s",
+    "algorithm.epochs",
+    "algorithm.mini_batches",
+    "data.num_eval",
+)
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values, ranges and paths; raise ConfigError naming the key. Cheap: no model, no Ray."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+    if not 0 <= cfg.run.deterministic <= 1:
+        raise ConfigError("run.deterministic must be a bool")
+    resume = cfg.run.resume
+    if resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(resume)):
+        raise ConfigError(f"run.resume={resume!r} is neither auto, never nor an existing checkpoint directory")
+    if cfg.data.task in ("jsonl", "parquet"):
+        if not cfg.data.path:
+            raise ConfigError(f"data.path is required for data.task={cfg.data.task}")
+        if not os.path.isfile(os.path.expanduser(cfg.data.path)):
+            raise ConfigError(f"data.path={cfg.data.path!r}: no such file")
+    elif cfg.data.path is not None and cfg.data.task != "hf":
+        raise ConfigError(
+            f"data.path={cfg.data.path!r} is set but data.task={cfg.data.task!r} is procedural; "
+            "use data.task=jsonl|parquet|hf to load a dataset"
+        )
+    model_path = cfg.model.path
+    if model_path != "tiny" and (model_path.startswith(("/", ".", "~")) or os.sep in model_path.strip("/")):
+        expanded = os.path.expanduser(model_path)
+        if os.path.exists(expanded) and not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ConfigError(f"model.path={model_path!r} exists but has no config.json (not an HF model dir)")
+        if not os.path.exists(expanded) and model_path.startswith(("/", ".", "~")):
+            raise ConfigError(f"model.path={model_path!r}: no such directory")
+    if cfg.rollout.sampler == "tree" and cfg.rollout.tree.width < 2:
+        raise ConfigError("rollout.tree.width must be >= 2 (a group needs at least two trajectories)")
+    if not cfg.reward.functions:
+        raise ConfigError("reward.functions is empty: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
+    if cfg.algorithm.clip_c is not None and cfg.algorithm.clip_c <= 1:
+        raise ConfigError(f"algorithm.clip_c must be > 1, got {cfg.algorithm.clip_c}")
+    if cfg.algorithm.kl_coef > 0 and not cfg.algorithm.kl_in_reward and not cfg.learner.use_reference:
+        raise ConfigError("algorithm.kl_coef > 0 needs a reference model: set learner.use_reference=true")
+
+
+def check_kwargs(fn: Any, params: dict[str, Any], key: str) -> None:
+    """Raise ConfigError if ``params`` has a name that ``fn`` does not accept."""
+    signature = inspect.signature(fn)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    unknown = sorted(set(params) - set(signature.parameters))
+    if unknown:
+        raise ConfigError(f"{key}: unknown parameter(s) {unknown}; accepted: {sorted(signature.parameters)}")

@@ -1,0 +1,136 @@
+"""Single-process torch learner: AdamW, warm-up schedule, grad clipping, micro-batching.
+
+Algorithm-blind: ``train_step(batch, loss_fn)`` knows nothing about advantages or clipping. The loss
+function returns contributions already normalised by the optimizer step's global token count
+(see rltrain/learner/base.py), so gradients do not depend on ``micro_batch_size``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from rltrain.learner.base import LossFn, LossNorm
+from rltrain.learner.logprobs import sequence_logprobs
+from rltrain.learner.optim import build_optimizer, build_scheduler
+from rltrain.types import RolloutBatch
+
+LEARNER_STATE_FILE = "learner_state.pt"
+
+
+class TorchLearner:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        total_steps: int = 1,
+        grad_clip: float = 1.0,
+        micro_batch_size: int = 16,
+        temperature: float = 1.0,
+        use_reference: bool = False,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+        device: str = "cpu",
+    ):
+        from rltrain.models import load_causal_lm, load_tokenizer
+
+        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        self.model = load_causal_lm(model_path, dtype).to(self.device)
+        self.tokenizer = load_tokenizer(model_path)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.reference = None
+        if use_reference:
+            self.reference = load_causal_lm(model_path, dtype).to(self.device).eval().requires_grad_(False)
+        self.optimizer = build_optimizer(self.model.parameters(), lr, betas, weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps, total_steps, lr_schedule)
+        self.grad_clip = grad_clip
+        self.micro_batch_size = micro_batch_size
+        self.temperature = temperature
+        self.optimizer_steps = 0
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch, reference: bool = False) -> Tensor:
+        model = self.reference if reference else self.model
+        if model is None:
+            raise RuntimeError("reference logprobs requested but the learner has no reference model")
+        was_training = model.training
+        model.eval()
+        parts = [
+            sequence_logprobs(model, micro.to(self.device), self.temperature)[0].cpu()
+            for micro in batch.micro_batches(self.micro_batch_size)
+        ]
+        model.train(was_training)
+        return _pad_cat_right(parts, batch.response_ids.shape[1])
+
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over all rows of ``batch``."""
+        norm = LossNorm(global_tokens=max(1, batch.num_tokens), global_seqs=batch.batch_size)
+        return self.train_step_normalised(batch, loss_fn, norm)
+
+    def train_step_normalised(self, batch: RolloutBatch, loss_fn: LossFn, norm: LossNorm) -> dict[str, float]:
+        """One optimizer step over this process's rows, normalised by counts given from outside."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        total_loss = 0.0
+        for micro in batch.micro_batches(self.micro_batch_size):
+            micro = micro.to(self.device)
+            logprobs, entropy = sequence_logprobs(self.model, micro, self.temperature, loss_fn.needs_entropy)
+            loss, metrics = loss_fn(logprobs, entropy, micro, norm)
+            loss.backward()
+            total_loss += float(loss.detach())
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            totals["loss/skipped_nonfinite_steps"] = 1.0
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return {**totals, "loss/total": total_loss, "perf/grad_norm": float(grad_norm), "perf/lr": lr}
+
+    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
+        for name, param in self.model.named_parameters():
+            yield name, param.detach().to("cpu", copy=True)
+
+    def state_dict_cpu(self) -> dict[str, Tensor]:
+        return dict(self.export_weights())
+
+    def save(self, directory: str) -> None:
+        """HF model dir (loadable with from_pretrained) + optimizer/scheduler state."""
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "optimizer_steps": self.optimizer_steps,
+        }
+        torch.save(state, os.path.join(directory, LEARNER_STATE_FILE))
+
+    def load(self, directory: str) -> None:
+        from rltrain.models import load_causal_lm
+
+        loaded = load_causal_lm(directory, str(next(self.model.parameters()).dtype).replace("torch.", ""))
+        self.model.load_state_dict(loaded.state_dict())
+        state = torch.load(os.path.join(directory, LEARNER_STATE_FILE), weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer_steps = state["optimizer_steps"]
+
+
+def _pad_cat_right(parts: list[Tensor], width: int) -> Tensor:
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])

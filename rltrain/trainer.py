@@ -1,0 +1,272 @@
+"""The single-controller training loop, readable top to bottom.
+
+One step:
+    prompts ──► sampler ──► rollout workers ──► RolloutBatch ──► reward worker ──► rewards [B]
+            ──► filters (DAPO dynamic sampling, overlong) ──► refill from the prompt stream if short
+            ──► learner: old / ref logprobs ──► advantages ──► train_step(batch, loss_fn)
+            ──► weight sync (versioned) ──► metrics, checkpoint, periodic eval
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rltrain import algo
+from rltrain.evaluation import correctness, evaluate
+from rltrain.prepare import Prepared, prepare
+from rltrain.runtime import Runtime
+from rltrain.sampling.flat import FlatSampler
+from rltrain.types import FinishReason, RolloutBatch, SamplingParams, build_rollout_batch
+
+log = logging.getLogger(__name__)
+
+
+def sampling_params(cfg: DictConfig, prep: Prepared, *, evaluation: bool = False) -> SamplingParams:
+    rc = cfg.rollout
+    return SamplingParams(
+        temperature=rc.eval_temperature if evaluation else rc.temperature,
+        top_p=1.0 if evaluation else rc.top_p,
+        top_k=-1 if evaluation else rc.top_k,
+        max_tokens=rc.max_tokens,
+        stop_token_ids=prep.stop_token_ids,
+        stop_strings=tuple(rc.stop_strings),
+    )
+
+
+def build_sampler(cfg: DictConfig, runtime: Runtime):
+    if cfg.rollout.sampler == "tree":
+        from rltrain.sampling.tree_sampler import TreeSampler
+
+        return TreeSampler(runtime.generate, **OmegaConf.to_container(cfg.rollout.tree, resolve=True))
+    return FlatSampler(runtime.generate, cfg.rollout.n)
+
+
+def build_loss_fn(cfg: DictConfig):
+    ac = cfg.algorithm
+    return algo.make_loss_fn(
+        policy_loss=ac.policy_loss,
+        loss_agg=ac.loss_agg,
+        loss_agg_constant=ac.loss_agg_constant if ac.loss_agg_constant is not None else cfg.rollout.max_tokens,
+        clip_low=ac.clip_low,
+        clip_high=ac.clip_high,
+        clip_c=ac.clip_c,
+        tis_cap=ac.tis_cap,
+        entropy_coef=ac.entropy_coef,
+        kl_coef=0.0 if ac.kl_in_reward else ac.kl_coef,
+        kl_estimator=ac.kl_estimator,
+        thr=OmegaConf.to_container(ac.thr) or None,
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, prep: Prepared, runtime: Runtime):
+        from rltrain.data.stream import PromptStream
+
+        self.cfg, self.prep, self.runtime = cfg, prep, runtime
+        self.sampler = build_sampler(cfg, runtime)
+        self.loss_fn = build_loss_fn(cfg)
+        self.params = sampling_params(cfg, prep)
+        self.stream = PromptStream(list(range(len(prep.train_rows))), cfg.trainer.prompts_per_step, cfg.data.seed)
+        self.next_group_id = 0
+
+    # ---- rollout ----------------------------------------------------------------------------
+    def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """One generation batch from the prompt stream: sampled, graded, overlong-shaped."""
+        prep = self.prep
+        indices = self.stream.next_batch()
+        start = time.time()
+        traj = self.sampler.sample([prep.train_prompts[i] for i in indices], self.params)
+        rollout_s = time.time() - start
+        rows = [prep.train_rows[indices[i]] for i in traj.prompt_index]
+        groups = [self.next_group_id + i for i in traj.prompt_index]
+        self.next_group_id += len(indices)
+        batch = build_rollout_batch(
+            [prep.train_prompts[indices[i]] for i in traj.prompt_index],
+            traj.results,
+            groups,
+            policy_version=step - 1,
+            prefixes=traj.prefixes or None,
+            prefix_logprobs=traj.prefix_logprobs or None,
+            ancestors=traj.ancestors,
+        )
+        completions = [prep.tokenizer.decode(ids[m > 0].tolist(), skip_special_tokens=True)
+                       for ids, m in zip(batch.response_ids, batch.response_mask)]
+        graded = self.runtime.grade(completions, rows)
+        rewards = graded.rewards.float()
+        ac = self.cfg.algorithm
+        lengths = batch.response_mask.sum(-1)
+        if ac.overlong_buffer > 0:
+            rewards = rewards + algo.overlong_penalty(lengths, self.cfg.rollout.max_tokens, ac.overlong_buffer,
+                                                      ac.overlong_penalty)
+        parts = {**graded.parts, "acc": correctness(graded.parts, graded.rewards, prep.primary_reward).float()}
+        batch = batch.replace(rewards=rewards, reward_parts=parts)
+        truncated = (batch.finish_reason == FinishReason.LENGTH).float()
+        metrics = {
+            **graded.metrics,
+            "rollout/response_len_mean": float(lengths.mean()),
+            "rollout/response_len_max": float(lengths.max()),
+            "rollout/truncated_frac": float(truncated.mean()),
+            "rollout/prefill_computed": float(traj.stats.prefill_computed),
+            "rollout/prefill_reused": float(traj.stats.prefill_reused),
+            "rollout/decoded": float(traj.stats.decoded),
+            "perf/rollout_s": rollout_s,
+        }
+        if ac.overlong_filter:
+            batch = batch.replace(response_mask=batch.response_mask * (1.0 - truncated)[:, None])
+        return batch, metrics
+
+    def collect(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """A full training batch; with dynamic sampling, keep pulling generation batches until it is full."""
+        ac = self.cfg.algorithm
+        if not ac.dynamic_sampling:
+            batch, metrics = self.rollout(step)
+            return batch, {**metrics, "rollout/gen_batches": 1.0}
+        group_filter = algo.GroupFilter(self.cfg.trainer.prompts_per_step, ac.max_gen_batches)
+        totals: dict[str, float] = {}
+        while not group_filter.is_full:
+            batch, metrics = self.rollout(step)
+            metric = batch.reward_parts["acc"] if ac.filter_metric == "acc" else batch.rewards
+            group_filter.add(batch, metric)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value / ac.max_gen_batches
+        batch = group_filter.take()
+        return batch, {**metrics, "rollout/gen_batches": float(group_filter.gen_batches),
+                       "rollout/kept_groups_frac": group_filter.kept_fraction}
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        start = time.time()
+        batch, metrics = self.collect(step)
+        reward_mean = float(batch.rewards.mean())
+        metrics.update({"reward/mean": reward_mean, "reward/std": float(batch.rewards.std()),
+                        "reward/accuracy": float(batch.reward_parts["acc"].mean())})
+        t0 = time.time()
+        old = self.runtime.logprobs(batch)
+        mask = batch.response_mask
+        diff = float(((old - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
+        metrics["rollout/logprob_diff"] = diff
+        self.check_logprob_diff(diff)
+        ref = self.runtime.logprobs(batch, reference=True) if self.cfg.learner.use_reference else None
+        batch = batch.replace(old_logprobs=old, ref_logprobs=ref)
+        ac = self.cfg.algorithm
+        if ac.kl_in_reward and ac.kl_coef > 0:
+            batch = batch.replace(rewards=batch.rewards - algo.kl_reward_penalty(batch, ac.kl_coef, ac.kl_estimator))
+        advantages = algo.advantages_for_batch(batch, ac.advantage, OmegaConf.to_container(ac.advantage_params))
+        batch = batch.replace(advantages=advantages)
+        adv = advantages[mask > 0]
+        metrics.update({"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_mean": float(adv.abs().mean())})
+        metrics["perf/logprobs_s"] = time.time() - t0
+        t0 = time.time()
+        metrics.update(self.train(batch))
+        metrics["perf/train_s"] = time.time() - t0
+        metrics["perf/weight_sync_s"] = self.runtime.sync_weights(step)
+        metrics["perf/step_time_s"] = time.time() - start
+        return metrics
+
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """``epochs`` passes of ``mini_batches`` optimizer steps (whole groups stay together)."""
+        ac = self.cfg.algorithm
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(ac.epochs):
+            order = torch.randperm(batch.batch_size) if ac.epochs > 1 else torch.arange(batch.batch_size)
+            for chunk in torch.tensor_split(order, ac.mini_batches):
+                for key, value in self.runtime.train_step(batch.select(chunk), self.loss_fn).items():
+                    totals[key] = totals.get(key, 0.0) + value
+                count += 1
+        return {key: value / count for key, value in totals.items()}
+
+    def check_logprob_diff(self, diff: float) -> None:
+        rc = self.cfg.rollout
+        if diff > rc.logprob_diff_error:
+            raise RuntimeError(
+                f"rollout/logprob_diff={diff:.4f} > rollout.logprob_diff_error={rc.logprob_diff_error}: the rollout "
+                "engine is not sampling from the learner's weights (weight sync skipped or failed, a different "
+                "model/dtype, or mismatched sampling temperature)"
+            )
+        if diff > rc.logprob_diff_warn:
+            log.warning("rollout/logprob_diff=%.4f exceeds rollout.logprob_diff_warn=%.3f", diff, rc.logprob_diff_warn)
+
+    def evaluate(self) -> dict[str, float]:
+        prep = self.prep
+        return evaluate(
+            prep.eval_prompts,
+            prep.eval_rows,
+            self.runtime.generate,
+            self.runtime.grade,
+            lambda ids: prep.tokenizer.decode(list(ids), skip_special_tokens=True),
+            sampling_params(self.cfg, prep, evaluation=True),
+            prep.primary_reward,
+        )
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train per ``cfg``; returns the summary (held-out accuracy before and after)."""
+    from rltrain.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
+    from rltrain.tracking import Tracker
+
+    torch.manual_seed(cfg.run.seed)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+    prep = prepare(cfg)
+    run_dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
+    resume_from = None
+    if cfg.run.resume == "auto":
+        resume_from = latest_checkpoint(run_dir)
+    elif cfg.run.resume != "never":
+        resume_from = cfg.run.resume
+    total_optimizer_steps = cfg.trainer.steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches
+    runtime = Runtime(cfg, prep.model_path, total_optimizer_steps)
+    try:
+        trainer = Trainer(cfg, prep, runtime)
+        start_step = 0
+        summary: dict[str, float] = {}
+        if resume_from:
+            state = load_trainer_state(resume_from)
+            runtime.load(resume_from)
+            trainer.stream.load_state_dict(state["stream"])
+            trainer.next_group_id = state["next_group_id"]
+            summary = state.get("summary", {})
+            restore_rng(state["rng"])
+            start_step = state["step"]
+            runtime.sync_weights(start_step)
+            log.info("resumed from %s at step %d", resume_from, start_step)
+        tracker = Tracker(run_dir, OmegaConf.to_container(cfg, resolve=True), total_steps=cfg.trainer.steps,
+                          start_step=start_step, progress=cfg.tracking.progress,
+                          wandb=OmegaConf.to_container(cfg.tracking.wandb), run_name=cfg.run.name)
+        return loop(cfg, trainer, tracker, run_dir, start_step, summary)
+    finally:
+        runtime.shutdown()
+
+
+def loop(cfg: DictConfig, trainer: Trainer, tracker, run_dir: str, start_step: int, summary: dict) -> dict:
+    from rltrain.checkpoint import capture_rng, save_checkpoint
+
+    tc = cfg.trainer
+    if start_step == 0 and tc.eval_before:
+        summary["eval/accuracy_before"] = trainer.evaluate()["eval/accuracy"]
+        tracker.log(0, {"eval/accuracy": summary["eval/accuracy_before"]})
+    for step in range(start_step + 1, tc.steps + 1):
+        metrics = trainer.step(step)
+        if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
+            metrics.update(trainer.evaluate())
+        if step == tc.steps:
+            final = trainer.evaluate()
+            metrics.update(final)
+            summary["eval/accuracy_after"] = final["eval/accuracy"]
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            log.warning("non-finite metrics at step %d: %s", step, bad)
+        tracker.log(step, metrics)
+        if step % tc.save_every == 0 or step == tc.steps:
+            state = {"step": step, "stream": trainer.stream.state_dict(), "rng": capture_rng(),
+                     "next_group_id": trainer.next_group_id, "summary": dict(summary)}
+            save_checkpoint(run_dir, step, trainer.runtime.save, state, keep=tc.keep_checkpoints)
+    tracker.finish(plots=cfg.tracking.plots)
+    return summary
