@@ -1,0 +1,105 @@
+"""Thin Ray actors: each holds exactly one backend and forwards explicit methods to it.
+
+The classes are plain Python so that they can also be used in-process (tests); ``ray.remote`` is
+applied where actors are created (rltrain/dist/groups.py), so ray is not imported here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from rltrain.types import GenRequest, GenResult, SamplingParams
+
+
+def _limit_threads(threads: int) -> None:
+    """One actor per core on small machines: oversubscribed BLAS threads make a 2-core box 30x slower."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def build_generator(engine: str, model_path: str, seed: int, options: dict[str, Any]):
+    """Construct the rollout engine named ``engine`` (torch | vllm | auto)."""
+    if engine == "auto":
+        import importlib.util
+
+        engine = "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
+    if engine == "vllm":
+        from rltrain.rollout.vllm_engine import VLLMGenerator
+
+        return VLLMGenerator(model_path, seed=seed, **options)
+    if engine == "torch":
+        from rltrain.rollout.torch_engine import TorchGenerator
+
+        return TorchGenerator.from_pretrained(model_path, dtype=options.get("dtype", "float32"), seed=seed)
+    raise ValueError(f"unknown rollout engine {engine!r}; known: torch, vllm, auto")
+
+
+class RolloutWorker:
+    """Holds one Generator."""
+
+    def __init__(self, engine: str, model_path: str, seed: int, threads: int, options: dict[str, Any]):
+        _limit_threads(threads)
+        self.generator = build_generator(engine, model_path, seed, options)
+
+    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
+        return self.generator.generate(requests, params)
+
+    def load_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> int:
+        self.generator.load_weights(named_tensors.items(), version)
+        return self.generator.policy_version
+
+    def policy_version(self) -> int:
+        return self.generator.policy_version
+
+    def ready(self) -> bool:
+        return True
+
+
+class RewardWorker:
+    """Holds one RewardGrader (itself a pool of grader processes with deadlines)."""
+
+    def __init__(self, threads: int, grader_options: dict[str, Any]):
+        from rltrain.grading import RewardGrader
+
+        _limit_threads(threads)
+        self.grader = RewardGrader(**grader_options)
+
+    def grade(self, completions: list[str], rows: list[dict]):
+        return self.grader.grade(completions, rows)
+
+    def close(self) -> None:
+        self.grader.close()
+
+    def ready(self) -> bool:
+        return True
+
+
+class LearnerWorker:
+    """Holds one Learner backend (torch here; DeepSpeed ranks live in their own group)."""
+
+    def __init__(self, threads: int, model_path: str, options: dict[str, Any]):
+        from rltrain.learner.torch_learner import TorchLearner
+
+        _limit_threads(threads)
+        self.learner = TorchLearner(model_path, **options)
+
+    def logprobs(self, batch, reference: bool = False) -> torch.Tensor:
+        return self.learner.logprobs(batch, reference)
+
+    def train_step(self, batch, loss_fn) -> dict[str, float]:
+        return self.learner.train_step(batch, loss_fn)
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.learner.export_weights())
+
+    def save(self, directory: str) -> None:
+        self.learner.save(directory)
+
+    def load(self, directory: str) -> None:
+        self.learner.load(directory)
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,129 @@
+"""Ray start-up and worker groups with explicit methods (no dispatch decorators).
+
+``cluster.mode=local`` starts a local Ray with the same actors a cluster uses, so the laptop run and
+the cluster run are one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from rltrain.dist.actors import LearnerWorker, RewardWorker, RolloutWorker
+from rltrain.types import GenRequest, GenResult, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(mode: str, address: str | None, num_cpus: int | None, cpus_needed: float) -> None:
+    """Start (local) or join (address) a Ray cluster; idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if mode == "address":
+        ray.init(address=address or "auto", log_to_driver=True)
+        return
+    # Logical CPUs may exceed physical ones: rollout, grading and learning take turns in this loop.
+    logical = max(num_cpus or os.cpu_count() or 1, int(cpus_needed + 0.999))
+    ray.init(num_cpus=logical, include_dashboard=False, log_to_driver=True)
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def balance_by_tokens(requests: Sequence[GenRequest], max_tokens: int, num_workers: int) -> list[list[int]]:
+    """Split request indices into ``num_workers`` lists of roughly equal token cost (largest first)."""
+    cost = [(len(r.context_ids) + max_tokens) * r.n for r in requests]
+    shares: list[list[int]] = [[] for _ in range(num_workers)]
+    loads = [0] * num_workers
+    for index in sorted(range(len(requests)), key=lambda i: -cost[i]):
+        target = loads.index(min(loads))
+        shares[target].append(index)
+        loads[target] += cost[index]
+    return [sorted(share) for share in shares]
+
+
+class RolloutGroup:
+    """N rollout workers with token-balanced data-parallel dispatch and worker replacement."""
+
+    def __init__(self, num_workers: int, cpus: float, worker_args: dict[str, Any]):
+        import ray
+
+        self._remote = ray.remote(num_cpus=cpus, max_restarts=0)(RolloutWorker)
+        self._args = worker_args
+        self.workers = [self._spawn() for _ in range(num_workers)]
+        ray.get([w.ready.remote() for w in self.workers])
+        self._weights: tuple[Any, int] | None = None
+        self.replacements = 0
+
+    def _spawn(self):
+        return self._remote.remote(**self._args)
+
+    def generate(self, requests: Sequence[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
+        """Results in request order. A worker that dies is replaced and its share re-run once."""
+        import ray
+
+        shares = balance_by_tokens(requests, params.max_tokens, len(self.workers))
+        pending = {
+            slot: self.workers[slot].generate.remote([requests[i] for i in share], params)
+            for slot, share in enumerate(shares)
+            if share
+        }
+        results: list[list[GenResult] | None] = [None] * len(requests)
+        for slot, ref in pending.items():
+            try:
+                outputs = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                log.warning("rollout worker %d died; replacing it and re-running its %d requests", slot, len(shares[slot]))
+                self._replace(slot)
+                outputs = ray.get(self.workers[slot].generate.remote([requests[i] for i in shares[slot]], params))
+            for index, output in zip(shares[slot], outputs):
+                results[index] = output
+        return results  # type: ignore[return-value]
+
+    def _replace(self, slot: int) -> None:
+        import ray
+
+        self.workers[slot] = self._spawn()
+        ray.get(self.workers[slot].ready.remote())
+        self.replacements += 1
+        if self._weights is not None:
+            weights_ref, version = self._weights
+            ray.get(self.workers[slot].load_weights.remote(weights_ref, version))
+
+    def load_weights(self, weights_ref: Any, version: int) -> list[int]:
+        """Send the learner's weights (an object ref: no driver copy) to every worker; returns their versions."""
+        import ray
+
+        self._weights = (weights_ref, version)
+        return ray.get([w.load_weights.remote(weights_ref, version) for w in self.workers])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+
+
+def create_reward_worker(cpus: float, threads: int, grader_options: dict[str, Any]):
+    import ray
+
+    worker = ray.remote(num_cpus=cpus)(RewardWorker).remote(threads, grader_options)
+    ray.get(worker.ready.remote())
+    return worker
+
+
+def create_learner_worker(cpus: float, threads: int, model_path: str, options: dict[str, Any]):
+    import ray
+
+    worker = ray.remote(num_cpus=cpus)(LearnerWorker).remote(threads, model_path, options)
+    ray.get(worker.ready.remote())
+    return worker
