@@ -153,6 +153,7 @@ class LearnerConfig:
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine | linear
     grad_clip: float = 1.0
@@ -273,6 +274,8 @@ _POSITIVE = (
     "algorithm.epochs",
     "algorithm.mini_batches",
     "data.num_eval",
+    "trainer.keep_checkpoints",
+    "trainer.save_every",
 )
 
 

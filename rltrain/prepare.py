@@ -61,7 +61,9 @@ def check_config(cfg: DictConfig) -> None:
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("learner.backend=deepspeed but deepspeed is not installed: pip install 'rltrain[deepspeed]'")
+            raise ConfigError(
+                "learner.backend=deepspeed but deepspeed is not installed: pip install 'rltrain[deepspeed]'"
+            )
     if cfg.rollout.engine == "vllm":
         import importlib.util
 
@@ -82,8 +84,12 @@ def encode_prompts(rows: list[dict], tokenizer, cfg: DictConfig) -> tuple[list[d
         prompts.append(ids)
     dropped = len(rows) - len(kept_rows)
     if dropped:
-        log.warning("dropped %d of %d rows whose prompt exceeds data.max_prompt_tokens=%d", dropped, len(rows),
-                    cfg.data.max_prompt_tokens)
+        log.warning(
+            "dropped %d of %d rows whose prompt exceeds data.max_prompt_tokens=%d",
+            dropped,
+            len(rows),
+            cfg.data.max_prompt_tokens,
+        )
     if not kept_rows:
         raise ConfigError(f"no row fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
     return kept_rows, prompts

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rltrain.dist.groups import RolloutGroup, create_learner_worker, create_reward_worker, start_ray, stop_ray
+from rltrain.dist.groups import RolloutGroup, TorchLearnerGroup, create_reward_worker, start_ray, stop_ray
 from rltrain.learner.base import LossFn
 from rltrain.types import GenRequest, GenResult, RolloutBatch, SamplingParams
 
@@ -33,6 +33,7 @@ def learner_options(cfg: DictConfig, total_optimizer_steps: int) -> dict[str, An
         "lr": lc.lr,
         "betas": tuple(lc.betas),
         "weight_decay": lc.weight_decay,
+        "adam_eps": lc.adam_eps,
         "warmup_steps": lc.warmup_steps,
         "lr_schedule": lc.lr_schedule,
         "total_steps": total_optimizer_steps,
@@ -58,11 +59,25 @@ def rollout_options(cfg: DictConfig) -> dict[str, Any]:
     return options
 
 
+def create_learner_group(cfg: DictConfig, model_path: str, options: dict[str, Any]):
+    """The learner backend named by ``learner.backend`` behind the same group methods."""
+    if cfg.learner.backend == "deepspeed":
+        from rltrain.dist.deepspeed_group import DeepSpeedLearnerGroup
+
+        return DeepSpeedLearnerGroup(cfg.learner, model_path, options, threads=cfg.cluster.omp_threads)
+    return TorchLearnerGroup(cpus=1, threads=cfg.cluster.omp_threads, model_path=model_path, options=options)
+
+
 class Runtime:
     def __init__(self, cfg: DictConfig, model_path: str, total_optimizer_steps: int):
         threads = cfg.cluster.omp_threads
         workers = cfg.rollout.num_workers
-        start_ray(cfg.cluster.mode, cfg.cluster.address, cfg.cluster.num_cpus, cpus_needed=workers + 2)
+        start_ray(
+            cfg.cluster.mode,
+            cfg.cluster.address,
+            cfg.cluster.num_cpus,
+            cpus_needed=workers + 1 + cfg.learner.world_size,
+        )
         self.rollout = RolloutGroup(
             workers,
             cpus=1,
@@ -75,9 +90,7 @@ class Runtime:
             },
         )
         self.reward = create_reward_worker(cpus=1, threads=1, grader_options=grader_options(cfg.reward))
-        self.learner = create_learner_worker(
-            cpus=1, threads=threads, model_path=model_path, options=learner_options(cfg, total_optimizer_steps)
-        )
+        self.learner = create_learner_group(cfg, model_path, learner_options(cfg, total_optimizer_steps))
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
         return self.rollout.generate(requests, params)
@@ -88,33 +101,25 @@ class Runtime:
         return ray.get(self.reward.grade.remote(completions, rows))
 
     def logprobs(self, batch: RolloutBatch, reference: bool = False):
-        import ray
-
-        return ray.get(self.learner.logprobs.remote(batch, reference))
+        return self.learner.logprobs(batch, reference)
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
-        import ray
-
-        return ray.get(self.learner.train_step.remote(batch, loss_fn))
+        return self.learner.train_step(batch, loss_fn)
 
     def sync_weights(self, version: int) -> float:
         """Learner → rollout workers; returns seconds taken. Every worker must report ``version``."""
         start = time.time()
-        weights_ref = self.learner.export_weights.remote()
+        weights_ref = self.learner.export_weights_ref()
         versions = self.rollout.load_weights(weights_ref, version)
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync: rollout workers report versions {versions}, expected {version}")
         return time.time() - start
 
     def save(self, directory: str) -> None:
-        import ray
-
-        ray.get(self.learner.save.remote(directory))
+        self.learner.save(directory)
 
     def load(self, directory: str) -> None:
-        import ray
-
-        ray.get(self.learner.load.remote(directory))
+        self.learner.load(directory)
 
     def shutdown(self) -> None:
         import ray

@@ -95,15 +95,18 @@ class Trainer:
             prefix_logprobs=traj.prefix_logprobs or None,
             ancestors=traj.ancestors,
         )
-        completions = [prep.tokenizer.decode(ids[m > 0].tolist(), skip_special_tokens=True)
-                       for ids, m in zip(batch.response_ids, batch.response_mask)]
+        completions = [
+            prep.tokenizer.decode(ids[m > 0].tolist(), skip_special_tokens=True)
+            for ids, m in zip(batch.response_ids, batch.response_mask)
+        ]
         graded = self.runtime.grade(completions, rows)
         rewards = graded.rewards.float()
         ac = self.cfg.algorithm
         lengths = batch.response_mask.sum(-1)
         if ac.overlong_buffer > 0:
-            rewards = rewards + algo.overlong_penalty(lengths, self.cfg.rollout.max_tokens, ac.overlong_buffer,
-                                                      ac.overlong_penalty)
+            rewards = rewards + algo.overlong_penalty(
+                lengths, self.cfg.rollout.max_tokens, ac.overlong_buffer, ac.overlong_penalty
+            )
         parts = {**graded.parts, "acc": correctness(graded.parts, graded.rewards, prep.primary_reward).float()}
         batch = batch.replace(rewards=rewards, reward_parts=parts)
         truncated = (batch.finish_reason == FinishReason.LENGTH).float()
@@ -127,25 +130,34 @@ class Trainer:
         if not ac.dynamic_sampling:
             batch, metrics = self.rollout(step)
             return batch, {**metrics, "rollout/gen_batches": 1.0}
-        group_filter = algo.GroupFilter(self.cfg.trainer.prompts_per_step, ac.max_gen_batches)
-        totals: dict[str, float] = {}
+        group_filter = algo.GroupFilter(
+            self.cfg.trainer.prompts_per_step, metric=ac.filter_metric, max_gen_batches=ac.max_gen_batches
+        )
+        perf: dict[str, float] = {}
         while not group_filter.is_full:
             batch, metrics = self.rollout(step)
-            metric = batch.reward_parts["acc"] if ac.filter_metric == "acc" else batch.rewards
-            group_filter.add(batch, metric)
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / ac.max_gen_batches
-        batch = group_filter.take()
-        return batch, {**metrics, "rollout/gen_batches": float(group_filter.gen_batches),
-                       "rollout/kept_groups_frac": group_filter.kept_fraction}
+            group_filter.add(batch)
+            for key in [k for k in metrics if k.startswith(("perf/", "reward/errors/"))]:
+                perf[key] = perf.get(key, 0.0) + metrics[key]
+        metrics.update(perf)
+        return group_filter.take(), {
+            **metrics,
+            **group_filter.metrics(),
+            "rollout/gen_batches": float(group_filter.gen_batches),
+        }
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
         start = time.time()
         batch, metrics = self.collect(step)
         reward_mean = float(batch.rewards.mean())
-        metrics.update({"reward/mean": reward_mean, "reward/std": float(batch.rewards.std()),
-                        "reward/accuracy": float(batch.reward_parts["acc"].mean())})
+        metrics.update(
+            {
+                "reward/mean": reward_mean,
+                "reward/std": float(batch.rewards.std()),
+                "reward/accuracy": float(batch.reward_parts["acc"].mean()),
+            }
+        )
         t0 = time.time()
         old = self.runtime.logprobs(batch)
         mask = batch.response_mask
@@ -160,7 +172,9 @@ class Trainer:
         advantages = algo.advantages_for_batch(batch, ac.advantage, OmegaConf.to_container(ac.advantage_params))
         batch = batch.replace(advantages=advantages)
         adv = advantages[mask > 0]
-        metrics.update({"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_mean": float(adv.abs().mean())})
+        metrics.update(
+            {"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_mean": float(adv.abs().mean())}
+        )
         metrics["perf/logprobs_s"] = time.time() - t0
         t0 = time.time()
         metrics.update(self.train(batch))
@@ -237,9 +251,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
             start_step = state["step"]
             runtime.sync_weights(start_step)
             log.info("resumed from %s at step %d", resume_from, start_step)
-        tracker = Tracker(run_dir, OmegaConf.to_container(cfg, resolve=True), total_steps=cfg.trainer.steps,
-                          start_step=start_step, progress=cfg.tracking.progress,
-                          wandb=OmegaConf.to_container(cfg.tracking.wandb), run_name=cfg.run.name)
+        tracker = Tracker(
+            run_dir,
+            OmegaConf.to_container(cfg, resolve=True),
+            total_steps=cfg.trainer.steps,
+            start_step=start_step,
+            progress=cfg.tracking.progress,
+            wandb=OmegaConf.to_container(cfg.tracking.wandb),
+            run_name=cfg.run.name,
+        )
         return loop(cfg, trainer, tracker, run_dir, start_step, summary)
     finally:
         runtime.shutdown()
@@ -265,8 +285,13 @@ def loop(cfg: DictConfig, trainer: Trainer, tracker, run_dir: str, start_step: i
             log.warning("non-finite metrics at step %d: %s", step, bad)
         tracker.log(step, metrics)
         if step % tc.save_every == 0 or step == tc.steps:
-            state = {"step": step, "stream": trainer.stream.state_dict(), "rng": capture_rng(),
-                     "next_group_id": trainer.next_group_id, "summary": dict(summary)}
+            state = {
+                "step": step,
+                "stream": trainer.stream.state_dict(),
+                "rng": capture_rng(),
+                "next_group_id": trainer.next_group_id,
+                "summary": dict(summary),
+            }
             save_checkpoint(run_dir, step, trainer.runtime.save, state, keep=tc.keep_checkpoints)
     tracker.finish(plots=cfg.tracking.plots)
     return summary

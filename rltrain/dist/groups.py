@@ -82,7 +82,9 @@ class RolloutGroup:
             try:
                 outputs = ray.get(ref)
             except ray.exceptions.RayActorError:
-                log.warning("rollout worker %d died; replacing it and re-running its %d requests", slot, len(shares[slot]))
+                log.warning(
+                    "rollout worker %d died; replacing it and re-running its %d requests", slot, len(shares[slot])
+                )
                 self._replace(slot)
                 outputs = ray.get(self.workers[slot].generate.remote([requests[i] for i in shares[slot]], params))
             for index, output in zip(shares[slot], outputs):
@@ -121,9 +123,35 @@ def create_reward_worker(cpus: float, threads: int, grader_options: dict[str, An
     return worker
 
 
-def create_learner_worker(cpus: float, threads: int, model_path: str, options: dict[str, Any]):
-    import ray
+class TorchLearnerGroup:
+    """One torch learner actor. The DeepSpeed group (rltrain/dist/deepspeed_group.py) has the same methods."""
 
-    worker = ray.remote(num_cpus=cpus)(LearnerWorker).remote(threads, model_path, options)
-    ray.get(worker.ready.remote())
-    return worker
+    def __init__(self, cpus: float, threads: int, model_path: str, options: dict[str, Any]):
+        import ray
+
+        self.actor = ray.remote(num_cpus=cpus)(LearnerWorker).remote(threads, model_path, options)
+        ray.get(self.actor.ready.remote())
+
+    def logprobs(self, batch, reference: bool = False):
+        import ray
+
+        return ray.get(self.actor.logprobs.remote(batch, reference))
+
+    def train_step(self, batch, loss_fn) -> dict[str, float]:
+        import ray
+
+        return ray.get(self.actor.train_step.remote(batch, loss_fn))
+
+    def export_weights_ref(self):
+        """An object ref to {name: tensor}: rollout workers fetch it from the object store directly."""
+        return self.actor.export_weights.remote()
+
+    def save(self, directory: str) -> None:
+        import ray
+
+        ray.get(self.actor.save.remote(directory))
+
+    def load(self, directory: str) -> None:
+        import ray
+
+        ray.get(self.actor.load.remote(directory))

@@ -23,10 +23,10 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str)
 
 
 def build_optimizer(
-    params, lr: float, betas: tuple[float, float], weight_decay: float
+    params, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8
 ) -> torch.optim.Optimizer:
     """AdamW (torch implementation: no JIT-built fused kernel needed on CPU)."""
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=False)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps, foreach=False)
 
 
 def build_scheduler(optimizer, warmup_steps: int, total_steps: int, schedule: str):

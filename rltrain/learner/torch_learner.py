@@ -29,6 +29,7 @@ class TorchLearner:
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
+        adam_eps: float = 1e-8,
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
         total_steps: int = 1,
@@ -52,7 +53,7 @@ class TorchLearner:
         self.reference = None
         if use_reference:
             self.reference = load_causal_lm(model_path, dtype).to(self.device).eval().requires_grad_(False)
-        self.optimizer = build_optimizer(self.model.parameters(), lr, betas, weight_decay)
+        self.optimizer = build_optimizer(self.model.parameters(), lr, betas, weight_decay, adam_eps)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, total_steps, lr_schedule)
         self.grad_clip = grad_clip
         self.micro_batch_size = micro_batch_size
