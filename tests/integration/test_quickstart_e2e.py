@@ -1,0 +1,122 @@
+"""The quickstart recipe end to end through the real CLI: Ray actors, torch engine, grader pool, learner."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+SMALL = [
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=128",
+    "model.tiny.num_layers=2",
+    "data.num_train=256",
+    "data.num_eval=16",
+    "sft.steps=5",
+    "sft.batch_size=16",
+    "trainer.prompts_per_step=4",
+    "rollout.n=4",
+    "tracking=minimal",
+    "reward.num_workers=1",
+    # a custom reward function by file path: non-constant even for an untrained policy
+    f"reward.functions=[{{fn: '{os.path.dirname(__file__)}/data/length_reward.py:score', weight: 1.0}}]",
+]
+
+
+def _rltrain(tmp_path, *overrides: str, timeout: float = 420, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "rltrain",
+        "--config-name",
+        "quickstart",
+        *SMALL,
+        f"model.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rltrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_two_rl_steps_change_parameters_and_write_the_run_dir(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    proc = _rltrain(tmp_path, f"run.dir={run_dir}", "trainer.steps=2", "trainer.save_every=2", "trainer.eval_every=0")
+    assert "held-out pass@1 (greedy) before RL" in proc.stdout and "after RL" in proc.stdout
+    records = _metrics(run_dir)
+    steps = [r["step"] for r in records]
+    assert steps == [0, 1, 2]
+    for record in records[1:]:
+        for key in ("reward/mean", "loss/total", "perf/step_time_s", "rollout/logprob_diff", "perf/grad_norm"):
+            assert key in record and record[key] is not None and math.isfinite(record[key]), key
+    assert records[1]["rollout/logprob_diff"] < 1e-3  # rollout engine samples from the learner's weights
+    assert "reward/score/mean" in records[1] or any(k.startswith("reward/score") for k in records[1])
+    assert os.path.isfile(run_dir / "config.yaml")
+    assert any(name.endswith(".png") for name in os.listdir(run_dir))
+    ckpt = run_dir / "checkpoints" / "step_2"
+    policy = AutoModelForCausalLM.from_pretrained(ckpt)
+    sft_dirs = [d for d in (tmp_path / "cache" / "sft").iterdir() if d.is_dir()]
+    base = AutoModelForCausalLM.from_pretrained(sft_dirs[0])
+    changed = [n for n, p in policy.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed, "RL steps did not change any parameter"
+
+
+def test_bad_config_fails_fast_before_ray(tmp_path):
+    start = time.time()
+    proc = _rltrain(tmp_path, "trainer.nonexistent=1", check=False)
+    assert proc.returncode != 0 and "nonexistent" in proc.stderr
+    proc = _rltrain(tmp_path, "data.task=jsonl", "data.path=/no/such/file", check=False)
+    assert proc.returncode == 2 and "data.path" in proc.stderr and "/no/such/file" in proc.stderr
+    proc = _rltrain(tmp_path, "data.path=/no/such/file", check=False)
+    assert proc.returncode == 2 and "data.path" in proc.stderr
+    assert "ray" not in (proc.stdout + proc.stderr).lower().replace("array", "")
+    assert time.time() - start < 60
+
+
+def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"run.dir={run_dir}", "trainer.steps=6", "trainer.save_every=1", "trainer.eval_every=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rltrain",
+        "--config-name",
+        "quickstart",
+        *SMALL,
+        f"model.cache_dir={tmp_path / 'cache'}",
+        *args,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    ckpts = run_dir / "checkpoints"
+    while time.time() < deadline and not (ckpts / "step_2").is_dir():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (ckpts / "step_2").is_dir(), "the run never reached its second checkpoint"
+    _rltrain(tmp_path, *args, "run.resume=auto")
+    records = _metrics(run_dir)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and steps[-1] == 6, steps
+    assert sorted(os.listdir(ckpts)) == ["step_5", "step_6"]  # keep_checkpoints=2, no tmp leftovers
+    for name in os.listdir(ckpts):
+        assert os.path.isfile(ckpts / name / "COMPLETE")
