@@ -72,7 +72,7 @@ class Runtime:
     def __init__(self, cfg: DictConfig, model_path: str, total_optimizer_steps: int):
         threads = cfg.cluster.omp_threads
         workers = cfg.rollout.num_workers
-        start_ray(
+        self.owns_ray = start_ray(
             cfg.cluster.mode,
             cfg.cluster.address,
             cfg.cluster.num_cpus,
@@ -128,4 +128,9 @@ class Runtime:
             ray.get(self.reward.close.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - best effort: the run is over either way
             pass
-        stop_ray()
+        if self.owns_ray:
+            stop_ray()
+        else:
+            self.rollout.shutdown()
+            for actor in (self.reward, *self.learner.actors()):
+                ray.kill(actor)

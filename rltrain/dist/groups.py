@@ -17,19 +17,21 @@ from rltrain.types import GenRequest, GenResult, SamplingParams
 log = logging.getLogger(__name__)
 
 
-def start_ray(mode: str, address: str | None, num_cpus: int | None, cpus_needed: float) -> None:
-    """Start (local) or join (address) a Ray cluster; idempotent."""
+def start_ray(mode: str, address: str | None, num_cpus: int | None, cpus_needed: float) -> bool:
+    """Start (local) or join (address) a Ray cluster. Returns False when Ray was already initialised
+    (by the caller, e.g. a notebook or a test), so that the caller's Ray is not shut down with the run."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if mode == "address":
         ray.init(address=address or "auto", log_to_driver=True)
-        return
+        return True
     # Logical CPUs may exceed physical ones: rollout, grading and learning take turns in this loop.
     logical = max(num_cpus or os.cpu_count() or 1, int(cpus_needed + 0.999))
     ray.init(num_cpus=logical, include_dashboard=False, log_to_driver=True)
+    return True
 
 
 def stop_ray() -> None:
@@ -141,6 +143,9 @@ class TorchLearnerGroup:
         import ray
 
         return ray.get(self.actor.train_step.remote(batch, loss_fn))
+
+    def actors(self) -> list:
+        return [self.actor]
 
     def export_weights_ref(self):
         """An object ref to {name: tensor}: rollout workers fetch it from the object store directly."""

@@ -1,0 +1,261 @@
+"""DeepSpeedLearnerGroup: K Ray actors, one DeepSpeed ZeRO rank each, behind TorchLearnerGroup's methods.
+
+Rendezvous is rltrain's own: rank 0's actor picks a free port on its node and every actor joins the
+torch.distributed group with MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE (gloo on CPU; nccl when the
+Ray cluster has a GPU for every rank). A batch is sharded across ranks by whole rows, balanced by tokens
+(deterministically); every rank normalises its loss by the whole batch's counts, so one step equals the
+single-process learner's step on the whole batch (see rltrain/learner/deepspeed_learner.py).
+
+All rank methods are collective: a failure on one rank leaves the others blocked in a collective, so the
+group shuts itself down and re-raises the first error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rltrain.learner.base import LossFn, LossNorm
+from rltrain.types import RolloutBatch
+
+_GROUP_KEYS = ("zero_stage", "offload_optimizer", "offload_params", "export_bucket_mb")
+
+
+def row_tokens(batch: RolloutBatch) -> list[int]:
+    """Real tokens per row: prompt tokens + trained-on response tokens (what a trimmed forward costs)."""
+    return (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).long().tolist()
+
+
+def shard_rows_by_tokens(tokens: Sequence[int], world_size: int) -> list[list[int]]:
+    """Row indices per rank, balanced by tokens: largest rows first onto the least-loaded rank.
+
+    Deterministic (ties go to the lower row index and the lower rank). Each shard lists its rows longest
+    first, so that consecutive rows (one micro-batch) have similar lengths and little padding.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    order = sorted(range(len(tokens)), key=lambda i: (-tokens[i], i))
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for index in order:
+        rank = loads.index(min(loads))
+        shards[rank].append(index)
+        loads[rank] += tokens[index]
+    return shards
+
+
+def micro_batch_count(shards: Sequence[Sequence[int]], micro_batch_size: int) -> int:
+    """Micro-batches every rank runs: the most any shard needs (at least one)."""
+    return max(1, max(-(-len(shard) // micro_batch_size) for shard in shards))
+
+
+def filler_row(batch: RolloutBatch, tokens: Sequence[int]) -> RolloutBatch:
+    """The shortest row with nothing trained on: what a rank with fewer rows forwards to keep collectives in step."""
+    shortest = min(range(len(tokens)), key=lambda i: (tokens[i], i))
+    row = batch.select([shortest])
+    return row.replace(response_mask=torch.zeros_like(row.response_mask))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+class DeepSpeedRankWorker:
+    """One learner rank (a plain class: ``ray.remote`` is applied by the group)."""
+
+    def __init__(self, threads: int):
+        # One actor per core on small machines: oversubscribed BLAS threads make a 2-core box 30x slower.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        # Zero-copy serialisation is safe here: every tensor this actor returns is a fresh, detached, contiguous copy.
+        warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+        # DeepSpeed still calls torch.distributed collectives that torch has renamed; nothing for users to act on.
+        warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated", category=FutureWarning)
+        self.learner = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(this node's IP, a free port): rank 0's address for the torch.distributed rendezvous."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(
+        self, model_path: str, rank: int, world_size: int, master: tuple[str, int], backend: str, options: dict
+    ) -> None:
+        from rltrain.learner.deepspeed_learner import DeepSpeedLearner, init_distributed
+
+        init_distributed(rank, world_size, master[0], master[1], backend)
+        self.learner = DeepSpeedLearner(model_path, rank=rank, world_size=world_size, **options)
+
+    def logprobs(self, shard: RolloutBatch, reference: bool, num_micro: int, filler: RolloutBatch) -> torch.Tensor:
+        return self.learner.logprobs(shard, reference, num_micro, filler)
+
+    def train_step(self, shard: RolloutBatch, loss_fn: LossFn, norm: LossNorm, num_micro: int, filler: RolloutBatch):
+        return self.learner.train_step(shard, loss_fn, norm, num_micro, filler)
+
+    def export_weights(self, bucketed: bool) -> list:
+        """Object refs put by this rank: one ref to {name: tensor}, or one per bucket; [] on ranks other than 0.
+
+        Tensors are put with Ray's zero-copy torch serialisation (enabled for these actors), so a put costs no
+        second in-memory copy. The bucketed form holds at most one gathered bucket and its CPU copy on any rank;
+        the single dict holds the whole model once on rank 0 while it is assembled.
+        """
+        import ray
+
+        if bucketed:
+            refs = []
+            for bucket in self.learner.export_buckets():
+                if bucket:
+                    refs.append(ray.put(bucket))
+                del bucket  # free this bucket's copy before the next one is gathered
+            return refs
+        weights: dict[str, torch.Tensor] = {}
+        for bucket in self.learner.export_buckets():
+            weights.update(bucket)
+        return [ray.put(weights)] if self.learner.rank == 0 else []
+
+    def save(self, directory: str) -> None:
+        self.learner.save(directory)
+
+    def load(self, directory: str) -> None:
+        self.learner.load(directory)
+
+    def ready(self) -> bool:
+        return True
+
+
+class DeepSpeedLearnerGroup:
+    """``learner.world_size`` DeepSpeed ranks; same methods as ``TorchLearnerGroup`` (plus bucketed export)."""
+
+    def __init__(self, learner_cfg: Any, model_path: str, options: dict[str, Any], threads: int = 1):
+        import ray
+
+        from rltrain.learner.deepspeed_learner import DeepSpeedLearner, deepspeed_config
+
+        self.world_size = int(learner_cfg.world_size)
+        rank_options = {**options, **{key: getattr(learner_cfg, key) for key in _GROUP_KEYS}}
+        # Fail on unknown options or a bad combination here, before any actor starts.
+        inspect.signature(DeepSpeedLearner).bind(model_path, rank=0, world_size=self.world_size, **rank_options)
+        deepspeed_config(
+            zero_stage=rank_options["zero_stage"],
+            micro_batch_size=rank_options["micro_batch_size"],
+            world_size=self.world_size,
+            grad_clip=rank_options["grad_clip"],
+            dtype=rank_options.get("dtype", "float32"),
+            offload_optimizer=rank_options["offload_optimizer"],
+            offload_params=rank_options["offload_params"],
+        )
+        self.micro_batch_size = int(rank_options["micro_batch_size"])
+        self.use_reference = bool(rank_options.get("use_reference", False))
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= self.world_size
+        remote = ray.remote(
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+            max_restarts=0,
+            # Exported CPU tensors go into the object store without an in-memory pickled copy (see export_weights).
+            runtime_env={"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}},
+        )(DeepSpeedRankWorker)
+        self.workers = [remote.remote(threads) for _ in range(self.world_size)]
+        master = self._gather([self.workers[0].rendezvous_address.remote()])[0]
+        backend = "nccl" if use_gpu else "gloo"
+        self._gather(
+            [
+                worker.setup.remote(model_path, rank, self.world_size, master, backend, rank_options)
+                for rank, worker in enumerate(self.workers)
+            ]
+        )
+
+    def _gather(self, refs: list) -> list:
+        """ray.get that fails fast: the first rank error shuts the group down (its peers would block) and is raised."""
+        import ray
+
+        pending = list(refs)
+        with warnings.catch_warnings():
+            # Zero-copy tensors arrive read-only; the group copies them (logprobs) and never writes into them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            try:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    ray.get(done)
+            except Exception:
+                self.shutdown()
+                raise
+            return ray.get(refs)
+
+    def _plan(self, batch: RolloutBatch) -> tuple[list[list[int]], int, RolloutBatch]:
+        if batch.batch_size == 0:
+            raise ValueError("the DeepSpeed learner got an empty batch")
+        tokens = row_tokens(batch)
+        shards = shard_rows_by_tokens(tokens, self.world_size)
+        return shards, micro_batch_count(shards, self.micro_batch_size), filler_row(batch, tokens)
+
+    def logprobs(self, batch: RolloutBatch, reference: bool = False) -> torch.Tensor:
+        """[B,T] logprobs of the response tokens (0 where masked), rows computed on their ranks."""
+        if reference and not self.use_reference:
+            raise RuntimeError("reference logprobs requested but the learner has no reference model (use_reference)")
+        shards, num_micro, filler = self._plan(batch)
+        parts = self._gather(
+            [
+                worker.logprobs.remote(batch.select(shard), reference, num_micro, filler)
+                for worker, shard in zip(self.workers, shards)
+            ]
+        )
+        out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+        for shard, part in zip(shards, parts):
+            if shard:
+                out[torch.tensor(shard)] = part
+        return out
+
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over all rows; loss contributions and metrics normalised by the whole batch's counts."""
+        shards, num_micro, filler = self._plan(batch)
+        norm = LossNorm(global_tokens=max(1, batch.num_tokens), global_seqs=batch.batch_size)
+        results = self._gather(
+            [
+                worker.train_step.remote(batch.select(shard), loss_fn, norm, num_micro, filler)
+                for worker, shard in zip(self.workers, shards)
+            ]
+        )
+        metrics: dict[str, float] = {}
+        for contributions, _ in results:
+            for key, value in contributions.items():
+                metrics[key] = metrics.get(key, 0.0) + value
+        metrics.update(results[0][1])
+        return metrics
+
+    def export_weights_ref(self):
+        """An object ref to {hf_name: cpu tensor}: rollout workers fetch it from the object store directly.
+
+        Under ZeRO-3 rank 0 assembles it from buckets of at most ``export_bucket_mb``, so the full model exists
+        once in rank 0's memory plus once in the object store; ``export_weight_bucket_refs`` avoids the former.
+        """
+        return self._gather([worker.export_weights.remote(False) for worker in self.workers])[0][0]
+
+    def export_weight_bucket_refs(self) -> list:
+        """Object refs to {hf_name: cpu tensor} buckets of at most ``export_bucket_mb`` each, in parameter order."""
+        return self._gather([worker.export_weights.remote(True) for worker in self.workers])[0]
+
+    def save(self, directory: str) -> None:
+        """ZeRO state in ``directory/deepspeed/`` + an HF model dir in ``directory`` (one shared filesystem)."""
+        self._gather([worker.save.remote(directory) for worker in self.workers])
+
+    def load(self, directory: str) -> None:
+        """Resume the ZeRO state saved by ``save`` with the same world_size and zero_stage; call before training."""
+        self._gather([worker.load.remote(directory) for worker in self.workers])
+
+    def actors(self) -> list:
+        return list(self.workers)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
