@@ -1,0 +1,194 @@
+"""``math``: final-answer equivalence for competition maths, via Math-Verify (SymPy).
+
+Prediction: the last ``\\boxed{}``/``\\fbox{}`` (nested braces, unterminated boxes) is parsed first; when
+there is none, Math-Verify's own extraction runs on the tail of the completion ("final answer is $x$",
+"Answer: x", any LaTeX environment, the last plain number); then ``####`` or an answer phrase. Gold: a
+plain number is read as a number (thousands separators, decimal commas); any other plain string as the
+LaTeX inside ``\\boxed{}``; a string that already carries LaTeX delimiters is extracted like a completion.
+
+Math-Verify's signal-based timeouts are switched off (they fail outside the main thread); time is bounded
+from outside by ``rltrain.grading.RewardGrader``, which kills a grader process that passes its deadline.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+from rewards.extract import after_answer_phrase, after_last, last_boxed, to_fraction
+
+
+class _DisabledTimeoutNotice(logging.Filter):
+    """Drop Math-Verify's "Timeout is disabled" warning: disabling it is deliberate here (see above)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+for _logger_name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_logger_name).addFilter(_DisabledTimeoutNotice())
+
+MAX_COMPLETION_CHARS = 4000  # tail handed to Math-Verify's regex extraction when there is no box
+_LATEX_MARKERS = ("$", "\\(", "\\[", "\\boxed", "\\fbox")
+_PLAIN_NUMBER_GOLD_RE = re.compile(r"[\s\d.,%+\-]+")
+_FINAL_ANSWER_RE = re.compile(r"final answer is", re.IGNORECASE)
+_LATEX_SPACING_RE = re.compile(r"\\[,!; ]|\s")
+
+
+@functools.lru_cache(maxsize=16)
+def _extraction_configs(extract: tuple[str, ...]) -> tuple[Any, ...]:
+    """Math-Verify targets named by ``extract`` ("latex" and/or "expr"); boxes have top priority."""
+    unknown = set(extract) - {"latex", "expr"}
+    if unknown or not extract:
+        raise ValueError(f"extract must name 'latex' and/or 'expr', got {list(extract)}")
+    configs = []
+    if "latex" in extract:
+        configs.append(LatexExtractionConfig(boxed_match_priority=0))
+    if "expr" in extract:
+        configs.append(ExprExtractionConfig())
+    return tuple(configs)
+
+
+def _parse(text: str, extract: tuple[str, ...]) -> list:
+    return parse(text, list(_extraction_configs(extract)), parsing_timeout=None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str, extract: tuple[str, ...]) -> tuple:
+    """Parsed gold answer(s); cached because a prompt's group shares one gold string."""
+    if "####" in gold:  # a whole GSM8K-style solution: the answer follows the last "####"
+        gold = after_last(gold, "####") or gold
+    if any(marker in gold for marker in _LATEX_MARKERS):
+        return tuple(_parse(gold, extract))
+    if _PLAIN_NUMBER_GOLD_RE.fullmatch(gold) and "expr" in extract:
+        return tuple(_parse(gold, ("expr",)))
+    return tuple(_parse(f"\\boxed{{{gold}}}", extract) or _parse(gold, extract))
+
+
+def answer_window(completion: str, max_chars: int = MAX_COMPLETION_CHARS) -> str:
+    """At most ``max_chars`` of the completion where its final answer lives: the tail, or, when the last
+    box lies before the tail, the text from that box on (models ramble after boxing the answer)."""
+    if len(completion) <= max_chars:
+        return completion
+    box_start = max(completion.rfind(command) for command in ("\\boxed", "\\fbox"))
+    if 0 <= box_start < len(completion) - max_chars:
+        return completion[box_start : box_start + max_chars]
+    return completion[-max_chars:]
+
+
+def parse_prediction(completion: str, extract: tuple[str, ...] = ("latex", "expr")) -> list:
+    """Math-Verify objects for the completion's final answer (empty list when none is found).
+
+    Math-Verify's extraction runs first (boxes and "final answer is $x$" share the top priority, right-most
+    wins, several boxes become a set); then the last box alone (catches unterminated boxes); then the text
+    after ``####`` or an answer phrase.
+    """
+    window = answer_window(completion)
+    parsed = _parse(window, extract)
+    if parsed:
+        return parsed
+    boxed = last_boxed(window) if "latex" in extract else None
+    candidates = (f"\\boxed{{{boxed}}}" if boxed else None, after_last(window, "####"), after_answer_phrase(window))
+    for candidate in candidates:
+        if candidate is not None:
+            parsed = _parse(candidate, extract) or _parse(f"${candidate}$", extract)
+            if parsed:
+                return parsed
+    return []
+
+
+def _golds(ground_truth: Any) -> list[str]:
+    if isinstance(ground_truth, list | tuple):  # several acceptable answers
+        return [str(item) for item in ground_truth]
+    return [str(ground_truth)]
+
+
+def _count_boxes(text: str) -> int:
+    return text.count("\\boxed") + text.count("\\fbox")
+
+
+def quick_verdict(window: str, golds: list[str], float_rounding: int) -> bool | None:
+    """Decide the common cases without SymPy; None when Math-Verify must decide.
+
+    Only a window with exactly one box and no later "final answer is" qualifies (then Math-Verify would
+    read that box too). Correct: the box holds the gold string verbatim. Decided either way: box and every
+    gold are plain numbers (compared exactly, or at ``float_rounding`` decimals when one has a decimal point,
+    as Math-Verify does).
+    """
+    if _count_boxes(window) != 1:
+        return None
+    box_start = max(window.rfind("\\boxed"), window.rfind("\\fbox"))
+    if _FINAL_ANSWER_RE.search(window, box_start):
+        return None
+    content = last_boxed(window)
+    if content is None:
+        return None
+    content = content.strip().rstrip(".").replace("{,}", ",")
+    if content in (gold.strip() for gold in golds):
+        return True
+    predicted = _plain_number(_LATEX_SPACING_RE.sub("", content))
+    expected = [_plain_number(gold.strip()) for gold in golds]
+    if predicted is None or any(value is None for value in expected):
+        return None
+    return any(_numbers_equal(predicted, value, float_rounding) for value in expected)
+
+
+def _plain_number(text: str) -> tuple | None:
+    """(value, has_decimal_point) for a plain number without percent sign, else None."""
+    if not _PLAIN_NUMBER_GOLD_RE.fullmatch(text) or "%" in text:
+        return None
+    value = to_fraction(text)
+    return None if value is None else (value, "." in text)
+
+
+def _numbers_equal(a: tuple, b: tuple, float_rounding: int) -> bool:
+    if a[1] or b[1]:
+        return round(a[0], float_rounding) == round(b[0], float_rounding)
+    return a[0] == b[0]
+
+
+def score(
+    completion: str,
+    ground_truth: Any,
+    *,
+    float_rounding: int = 6,
+    numeric_precision: int = 15,
+    strict: bool = True,
+    allow_set_relation_comp: bool = False,
+    extract: Sequence[str] = ("latex", "expr"),
+    correct_score: float = 1.0,
+    wrong_score: float = 0.0,
+    **fields: Any,
+) -> dict[str, float]:
+    """``{"score": correct_score | wrong_score, "acc": 1.0 | 0.0, "gold_unparsed": 1.0 | 0.0}``.
+
+    ``float_rounding``: decimals kept when either side is a float (0.333333 == 1/3 at 6).
+    ``strict=False`` lets sets compare with tuples and matches variables by position.
+    ``allow_set_relation_comp``: a predicted inequality may answer a gold set/interval.
+    ``extract``: which Math-Verify targets read answers ("latex", "expr").
+    ``gold_unparsed`` is 1.0 when the ground truth itself yields no answer (a data problem, scored wrong).
+    """
+    extract = tuple(extract)
+    text = completion if isinstance(completion, str) else str(completion)
+    gold_strings = _golds(ground_truth)
+    correct = quick_verdict(answer_window(text), gold_strings, float_rounding) if "latex" in extract else None
+    if correct is None:
+        golds = [parsed for gold in gold_strings for parsed in _parse_gold(gold, extract)]
+        if not golds:
+            return {"score": wrong_score, "acc": 0.0, "gold_unparsed": 1.0}
+        prediction = parse_prediction(text, extract)
+        correct = bool(prediction) and verify(
+            golds,
+            prediction,
+            float_rounding=float_rounding,
+            numeric_precision=numeric_precision,
+            strict=strict,
+            allow_set_relation_comp=allow_set_relation_comp,
+            timeout_seconds=None,
+        )
+    return {"score": correct_score if correct else wrong_score, "acc": float(correct), "gold_unparsed": 0.0}

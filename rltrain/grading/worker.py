@@ -1,0 +1,91 @@
+"""Body of one grader process: resolve the reward functions, cap memory, grade task chunks, report each call.
+
+The process is forked from a multiprocessing forkserver (never from the trainer itself). It becomes the
+leader of its own process group so the parent can kill it and anything it started in one call, and it
+dies with the forkserver (PR_SET_PDEATHSIG), which dies with the parent. No torch import here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import resource
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+from rltrain.grading.resolve import call_reward, resolve_reward_functions
+
+ERROR_KINDS = ("exception", "timeout", "crash", "nonfinite", "memory")
+_MAX_MESSAGE_CHARS = 300
+_PR_SET_PDEATHSIG = 1
+
+
+def serve(conn: Connection, functions: list[dict], memory_mb: int) -> None:
+    """Worker main loop. Sends ("ready", pid) once, then (task_id, "ok", values) or (task_id, kind, message)
+    for every call, in order; a None message or a closed pipe ends it."""
+    os.setsid()
+    _die_with_parent()
+    try:
+        specs = resolve_reward_functions(functions)
+    except Exception as error:
+        conn.send(("fatal", f"{type(error).__name__}: {error}"))
+        return
+    _limit_address_space(memory_mb)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):
+            return
+        if chunk is None:
+            return
+        for task_id, spec_index, completion, ground_truth, fields in chunk:
+            conn.send((task_id, *grade_one(specs[spec_index], completion, ground_truth, fields)))
+
+
+def grade_one(spec: Any, completion: str, ground_truth: Any, fields: dict[str, Any]) -> tuple[str, Any]:
+    """("ok", {"score": ..., metrics...}) or (error kind, short message); never raises."""
+    try:
+        values = call_reward(spec, completion, ground_truth, fields)
+    except MemoryError:
+        return "memory", "MemoryError: the call needed more than reward.memory_mb of address space"
+    except (Exception, SystemExit) as error:
+        return "exception", _short(f"{type(error).__name__}: {error}")
+    bad = sorted(name for name, value in values.items() if not math.isfinite(value))
+    if bad:
+        return "nonfinite", f"non-finite {bad}: {[values[name] for name in bad]}"
+    return "ok", values
+
+
+def _short(message: str) -> str:
+    return message if len(message) <= _MAX_MESSAGE_CHARS else message[:_MAX_MESSAGE_CHARS] + "..."
+
+
+def _limit_address_space(memory_mb: int) -> None:
+    """RLIMIT_AS = the address space already mapped (interpreter, imports) + ``memory_mb``."""
+    mapped = _mapped_bytes()
+    if mapped == 0:  # no /proc (not Linux): leave the limit alone rather than guess
+        return
+    limit = mapped + memory_mb * 2**20
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard if hard != resource.RLIM_INFINITY else limit))
+
+
+def _mapped_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the forkserver) exits."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the closed pipe still ends an idle worker

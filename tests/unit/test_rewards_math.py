@@ -1,0 +1,110 @@
+"""``math`` grader: extraction forms and Math-Verify equivalence; the SymPy-free fast path agrees with it."""
+
+import pytest
+
+from rewards import math as math_grader
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold"),
+    [
+        (r"so $\boxed{\frac{1}{2}}$", r"\frac12"),
+        (r"\fbox{5}", "5"),
+        (r"thus \boxed{42", "42"),
+        (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}"),
+        ("The final answer is $5$. I hope it is correct.", "5"),
+        ("Answer: 7", "7"),
+        ("work\n#### 72", "72"),
+        ("so 3 apples", "3"),
+        (r"\boxed{50\%}", r"50\%"),
+        (r"\boxed{1,234}", "1234"),
+        (r"\boxed{1{,}234}", "1234"),
+        (r"\boxed{\{1,2\}}", r"\{2,1\}"),
+        (r"\boxed{(0,1]}", "(0,1]"),
+        (r"\boxed{\begin{pmatrix}1\\2\end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}"),
+        (r"\boxed{x=3}", "3"),
+        (r"\boxed{5\text{ cm}}", "5"),
+        (r"\boxed{0.333333}", r"\frac13"),
+        (r"\boxed{14/3}", r"\frac{14}{3}"),
+        (r"\boxed{90^\circ}", "90"),
+        (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}"),
+        (r"\boxed{\sqrt{117}}", r"3\sqrt{13}"),
+        (r"\boxed{-q+p}", "p - q"),
+        (r"\boxed{(3, \pi/2)}", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\boxed{x \in [2, 5)}", "[2,5)"),
+        (r"\boxed{1} and \boxed{2}", r"\{1, 2\}"),
+        ("long preamble " * 500 + r"\boxed{8}" + " and then a long ramble" * 300, "8"),
+    ],
+)
+def test_equivalent_answers_score_one(completion, gold):
+    assert math_grader.score(completion, gold) == {"score": 1.0, "acc": 1.0, "gold_unparsed": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold"),
+    [
+        (r"\boxed{6}", "5"),
+        (r"\boxed{[0,1]}", "(0,1]"),
+        (r"\boxed{0.33}", r"\frac13"),
+        (r"\boxed{2} is wrong, so \boxed{3}", "3"),  # several boxes form a set: hedging is not rewarded
+        ("", "5"),
+        (r"\boxed{}", "5"),
+        (r"\boxed{\frac{1}{0}}", "5"),
+    ],
+)
+def test_wrong_answers_score_zero(completion, gold):
+    assert math_grader.score(completion, gold)["acc"] == 0.0
+
+
+def test_custom_scores_keep_acc_binary():
+    assert math_grader.score(r"\boxed{6}", "5", correct_score=1.0, wrong_score=-1.0) == {
+        "score": -1.0,
+        "acc": 0.0,
+        "gold_unparsed": 0.0,
+    }
+
+
+def test_float_rounding_is_the_numeric_tolerance():
+    assert math_grader.score(r"\boxed{0.33}", r"\frac13", float_rounding=2)["acc"] == 1.0
+
+
+def test_list_ground_truth_accepts_any():
+    assert math_grader.score(r"\boxed{4}", ["3", "4"])["acc"] == 1.0
+
+
+def test_unparseable_gold_is_reported_not_hidden():
+    assert math_grader.score(r"\boxed{4}", "") == {"score": 0.0, "acc": 0.0, "gold_unparsed": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold"),
+    [
+        (r"so \boxed{12}", "12"),
+        (r"so \boxed{12}", "13"),
+        (r"so \boxed{1,000}", "1000"),
+        (r"so \boxed{2.50}", "2.5"),
+        (r"so \boxed{-7}.", "-7"),
+        (r"so \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"so \boxed{0.5}", r"\frac{1}{2}"),
+        (r"so \boxed{3.14159265}", "3.141593"),
+        (r"\boxed{255} then the final answer is $10,455$", "10455"),
+    ],
+)
+def test_fast_path_agrees_with_math_verify(completion, gold):
+    window = math_grader.answer_window(completion)
+    quick = math_grader.quick_verdict(window, [gold], float_rounding=6)
+    full = math_grader.verify(
+        list(math_grader._parse_gold(gold, ("latex", "expr"))),
+        math_grader.parse_prediction(completion),
+        timeout_seconds=None,
+    )
+    assert quick is None or quick == full
+
+
+@pytest.mark.parametrize(
+    "completion",
+    ["", "\x00\x01\x02", "}" * 1000, "{" * 1000, r"\boxed{" * 10_000, "$" * 5000, r"\frac{" * 2000, "\ud800", 12345],
+)
+def test_never_raises_on_odd_input(completion):
+    result = math_grader.score(completion, "5")
+    assert result["score"] in (0.0, 1.0)
