@@ -253,6 +253,7 @@ _CHOICES = {
     "rollout.tree.divergence_policy": ("even", "logprob", "entropy"),
     "learner.backend": ("torch", "deepspeed"),
     "learner.lr_schedule": ("constant", "cosine", "linear"),
+    "learner.zero_stage": (1, 2, 3),
     "data.task": ("arithmetic", "countdown", "jsonl", "parquet", "hf"),
     "data.template": ("plain", "chat"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -349,6 +350,11 @@ def _validate_algorithm(cfg: DictConfig) -> None:
         )
     if algo.kl_coef > 0 and not cfg.learner.use_reference:
         raise ConfigError("algorithm.kl_coef > 0 needs a reference model: set learner.use_reference=true")
+    if algo.thr and cfg.learner.backend != "torch":
+        raise ConfigError(
+            f"algorithm.thr needs the old policy's hidden states, computed by learner.backend=torch only "
+            f"(got learner.backend={cfg.learner.backend})"
+        )
 
 
 def check_kwargs(fn: Any, params: dict[str, Any], key: str) -> None:

@@ -106,6 +106,10 @@ class Runtime:
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
         return self.learner.train_step(batch, loss_fn)
 
+    def forward_extras(self, batch: RolloutBatch, extras_fn) -> dict:
+        """Per-token extras computed on the learner from the current policy's hidden states (THR)."""
+        return self.learner.forward_extras(batch, extras_fn)
+
     def sync_weights(self, version: int) -> float:
         """Learner → rollout workers; returns seconds taken. Every worker must report ``version``."""
         start = time.time()

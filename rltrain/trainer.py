@@ -173,6 +173,10 @@ class Trainer:
             batch = batch.replace(rewards=batch.rewards - algo.kl_reward_penalty(batch, ac.kl_coef, ac.kl_estimator))
         advantages = algo.advantages_for_batch(batch, ac.advantage, OmegaConf.to_container(ac.advantage_params))
         batch = batch.replace(advantages=advantages)
+        if ac.thr:
+            batch = batch.replace(
+                extras={**batch.extras, **self.runtime.forward_extras(batch, algo.thr_extras_from_forward)}
+            )
         adv = advantages[mask > 0]
         metrics.update(
             {"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_mean": float(adv.abs().mean())}

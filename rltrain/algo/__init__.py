@@ -11,7 +11,7 @@ from rltrain.algo.filters import apply_overlong_filter, nonconstant_group_mask, 
 from rltrain.algo.kl import kl_reward_penalty
 from rltrain.algo.losses import PolicyLoss, Surrogate, make_loss_fn, tis_weights
 from rltrain.algo.registry import KINDS, UnknownNameError, get, names, register
-from rltrain.algo.thr import thr_extras, token_hidden_reward
+from rltrain.algo.thr import thr_extras, thr_extras_from_forward, token_hidden_reward
 
 __all__ = [
     "KINDS",
@@ -31,6 +31,7 @@ __all__ = [
     "overlong_penalty",
     "register",
     "thr_extras",
+    "thr_extras_from_forward",
     "tis_weights",
     "token_hidden_reward",
     "whiten",

@@ -138,8 +138,12 @@ class PolicyLoss:
             return self._agg_fn(values, mask, norm, self.loss_agg_constant)
 
         advantages = micro.advantages
+        metrics: dict[str, float] = {}
         if self.thr:
-            advantages = thr_lib.reweight_from_extras(advantages, micro.extras, **self.thr)
+            reweighted = thr_lib.reweight_from_extras(advantages, micro.extras, **self.thr)
+            changed = (reweighted != advantages.expand_as(reweighted)).to(mask.dtype)
+            metrics["loss/thr_reweighted_frac"] = token_mean(changed, mask, norm).item()
+            advantages = reweighted
         surrogate = self._surrogate_fn(
             logprobs,
             micro.old_logprobs,
@@ -150,7 +154,6 @@ class PolicyLoss:
             clip_c=self.clip_c,
         )
         per_token = surrogate.loss
-        metrics: dict[str, float] = {}
         if self.tis_cap is not None:
             weights, capped = tis_weights(micro.old_logprobs, micro.rollout_logprobs, self.tis_cap)
             per_token = per_token * weights

@@ -19,8 +19,10 @@ M_g = sum_{P_g} w g h^T [V,H], then s = g^T M_g h = (M_g h)[o] - <pi, M_g h>. ``
 a vocabulary subset (e.g. the tokens that occur in the group, as NTHR does) with ``token_index`` pointing into
 it; memory is O(tokens_in_group * V).
 
-The trainer computes the scores once per rollout batch from the old policy's forward and stores them in
-``batch.extras`` (``thr_extras``); the loss (``make_loss_fn(thr={...})``) reads them per micro-batch.
+The trainer computes the scores once per rollout batch from the old policy's forward on the learner
+(``learner.forward_extras(batch, thr_extras_from_forward)``, probabilities restricted to the tokens that
+occur in the batch) and stores them in ``batch.extras``; the loss (``make_loss_fn(thr={...})``) reads them
+per micro-batch.
 """
 
 from __future__ import annotations
@@ -105,6 +107,13 @@ def thr_extras(
     """``{THR_SCORE_KEY: [B,T], THR_ANCHOR_KEY: [B]}`` to merge into ``batch.extras`` before training."""
     score, anchor = token_hidden_reward(hidden, probs, token_index, mask, advantages, group, length_norm=length_norm)
     return {THR_SCORE_KEY: score, THR_ANCHOR_KEY: anchor}
+
+
+def thr_extras_from_forward(hidden: Tensor, probs: Tensor, token_index: Tensor, batch) -> dict[str, Tensor]:
+    """``thr_extras`` for a RolloutBatch with advantages set; the ``extras_fn`` of ``Learner.forward_extras``."""
+    if batch.advantages is None:
+        raise ValueError("THR scores need the batch's advantages: compute them before forward_extras")
+    return thr_extras(hidden, probs, token_index, batch.response_mask, batch.advantages, batch.group)
 
 
 def check_options(options: Mapping[str, Any]) -> None:

@@ -92,6 +92,9 @@ class LearnerWorker:
     def train_step(self, batch, loss_fn) -> dict[str, float]:
         return self.learner.train_step(batch, loss_fn)
 
+    def forward_extras(self, batch, extras_fn) -> dict[str, torch.Tensor]:
+        return self.learner.forward_extras(batch, extras_fn)
+
     def export_weights(self) -> dict[str, torch.Tensor]:
         return dict(self.learner.export_weights())
 

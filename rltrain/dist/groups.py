@@ -144,6 +144,11 @@ class TorchLearnerGroup:
 
         return ray.get(self.actor.train_step.remote(batch, loss_fn))
 
+    def forward_extras(self, batch, extras_fn) -> dict:
+        import ray
+
+        return ray.get(self.actor.forward_extras.remote(batch, extras_fn))
+
     def actors(self) -> list:
         return [self.actor]
 

@@ -53,3 +53,25 @@ def sequence_logprobs(
     logprobs, entropy = token_logprobs(logits, batch.response_ids, temperature, with_entropy)
     mask = batch.response_mask
     return logprobs * mask, (entropy * mask if entropy is not None else None)
+
+
+def response_hidden_and_probs(
+    model: torch.nn.Module, batch: RolloutBatch, token_subset: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Final hidden states and next-token probabilities at the positions predicting each response token.
+
+    Returns (hidden [B,T,H] float32, probs [B,T,S] float32) where ``probs`` keeps only the vocabulary
+    columns ``token_subset`` [S] of softmax(logits / temperature); both are zero where response_mask is 0.
+    """
+    ids, attention, positions = model_inputs(batch)
+    prompt_len = batch.prompt_ids.shape[1]
+    out = model(
+        input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, output_hidden_states=True
+    )
+    mask = batch.response_mask[..., None]
+    hidden = out.hidden_states[-1][:, prompt_len - 1 : -1].float() * mask
+    logits = out.logits[:, prompt_len - 1 : -1].float()
+    if temperature and temperature != 1.0:
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)[..., token_subset] * mask
+    return hidden, probs

@@ -8,13 +8,13 @@ function returns contributions already normalised by the optimizer step's global
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from rltrain.learner.base import LossFn, LossNorm
-from rltrain.learner.logprobs import sequence_logprobs
+from rltrain.learner.logprobs import response_hidden_and_probs, sequence_logprobs
 from rltrain.learner.optim import build_optimizer, build_scheduler
 from rltrain.types import RolloutBatch
 
@@ -73,6 +73,28 @@ class TorchLearner:
         ]
         model.train(was_training)
         return _pad_cat_right(parts, batch.response_ids.shape[1])
+
+    @torch.no_grad()
+    def forward_extras(self, batch: RolloutBatch, extras_fn: Callable[..., dict[str, Tensor]]) -> dict[str, Tensor]:
+        """``extras_fn(hidden [B,T,H], probs [B,T,S], token_index [B,T], batch)`` on the current policy's forward.
+
+        ``probs`` keeps the S vocabulary columns of the tokens that occur in the batch's responses and
+        ``token_index`` points each response token into them (memory O(B*T*S), not O(B*T*V)). Algorithms
+        that need hidden states (THR) pass their function here; the learner stays algorithm-blind.
+        """
+        token_subset, token_index = torch.unique(batch.response_ids, return_inverse=True)
+        was_training = self.model.training
+        self.model.eval()
+        hidden, probs = [], []
+        for micro in batch.micro_batches(self.micro_batch_size):
+            h, p = response_hidden_and_probs(
+                self.model, micro.to(self.device), token_subset.to(self.device), self.temperature
+            )
+            hidden.append(h.cpu())
+            probs.append(p.cpu())
+        self.model.train(was_training)
+        width = batch.response_ids.shape[1]
+        return extras_fn(_pad_cat_right(hidden, width), _pad_cat_right(probs, width), token_index, batch)
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over all rows of ``batch``."""
@@ -134,4 +156,10 @@ class TorchLearner:
 
 
 def _pad_cat_right(parts: list[Tensor], width: int) -> Tensor:
-    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+    """Concatenate [b_i, t_i, ...] parts along dim 0, right-padding dim 1 with zeros to ``width``."""
+    return torch.cat([_pad_dim1(p, width) for p in parts])
+
+
+def _pad_dim1(part: Tensor, width: int) -> Tensor:
+    pad = [0, 0] * (part.dim() - 2) + [0, width - part.shape[1]]
+    return torch.nn.functional.pad(part, pad)

@@ -70,3 +70,5 @@ def test_algorithm_runs_two_steps(tmp_path, shared_ray, algorithm):
             assert record.get(key) is not None and math.isfinite(record[key]), (algorithm, key)
         if algorithm == "dapo":
             assert record["rollout/gen_batches"] >= 1
+        if algorithm == "grpo_thr":
+            assert 0.0 <= record["loss/thr_reweighted_frac"] <= 1.0

@@ -127,3 +127,31 @@ def test_train_step_changes_params_and_save_load_roundtrip(tiny_model_dir, tmp_p
     for name, value in learner.model.named_parameters():
         assert torch.equal(value, dict(other.model.named_parameters())[name])
     assert other.optimizer_steps == 1
+
+
+def test_forward_extras_give_hidden_states_and_subset_probs_per_response_token(tiny_model_dir):
+    """THR's inputs: micro-batched forward == one full forward, probs restricted to the batch's tokens."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    batch = _rl_batch(tokenizer)
+    learner = TorchLearner(tiny_model_dir, lr=1e-2, micro_batch_size=3, seed=0)
+    captured = learner.forward_extras(batch, lambda h, p, idx, b: {"hidden": h, "probs": p, "index": idx})
+    hidden, probs, index = captured["hidden"], captured["probs"], captured["index"]
+    subset = torch.unique(batch.response_ids)
+    assert hidden.shape[:2] == probs.shape[:2] == index.shape == batch.response_ids.shape
+    assert probs.shape[2] == len(subset)
+    model = learner.model.eval()
+    for row in range(batch.batch_size):
+        prompt = batch.prompt_ids[row][batch.prompt_mask[row] > 0].tolist()
+        length = int(batch.response_mask[row].sum())
+        tokens = batch.response_ids[row, :length].tolist()
+        with torch.no_grad():
+            out = model(torch.tensor([prompt + tokens]), output_hidden_states=True)
+        positions = slice(len(prompt) - 1, len(prompt) - 1 + length)
+        torch.testing.assert_close(hidden[row, :length], out.hidden_states[-1][0, positions], atol=1e-5, rtol=1e-4)
+        full = torch.softmax(out.logits[0, positions].float(), -1)
+        torch.testing.assert_close(probs[row, :length], full[:, subset], atol=1e-6, rtol=1e-4)
+        assert torch.equal(subset[index[row, :length]], torch.tensor(tokens))
+        assert not hidden[row, length:].any() and not probs[row, length:].any()
+    advantages = torch.randn(8, 1) * batch.response_mask
+    extras = learner.forward_extras(batch.replace(advantages=advantages), algo.thr_extras_from_forward)
+    assert extras[algo.thr.THR_SCORE_KEY].shape == batch.response_ids.shape

@@ -65,13 +65,14 @@ def test_wrong_type_is_rejected_at_composition():
         ("model.path=/no/such/model", "model.path"),
         ("algorithm.clip_c=0.5", "algorithm.clip_c"),
         ("algorithm.kl_coef=0.1", "use_reference"),
+        ("algorithm=grpo_thr learner=deepspeed", "learner.backend=torch"),
         ("reward.functions=[]", "reward.functions"),
         ("model.tiny.num_heads=3", "num_heads"),
     ],
 )
 def test_validation_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(_compose([override]))
+        validate(_compose(override.split()))
 
 
 def test_missing_data_file_is_named(tmp_path):
