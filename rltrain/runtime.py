@@ -68,6 +68,14 @@ def create_learner_group(cfg: DictConfig, model_path: str, options: dict[str, An
     return TorchLearnerGroup(cpus=1, threads=cfg.cluster.omp_threads, model_path=model_path, options=options)
 
 
+def check_learner_checkpoint(cfg: DictConfig, directory: str) -> None:
+    """Raise ConfigError, before any actor starts, when ``cfg.learner`` cannot resume the checkpoint ``directory``."""
+    if cfg.learner.backend == "deepspeed":
+        from rltrain.learner.deepspeed_learner import check_checkpoint
+
+        check_checkpoint(directory, world_size=cfg.learner.world_size, zero_stage=cfg.learner.zero_stage)
+
+
 class Runtime:
     def __init__(self, cfg: DictConfig, model_path: str, total_optimizer_steps: int):
         threads = cfg.cluster.omp_threads

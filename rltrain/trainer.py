@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rltrain import algo
 from rltrain.evaluation import correctness, evaluate
 from rltrain.prepare import Prepared, prepare
-from rltrain.runtime import Runtime
+from rltrain.runtime import Runtime, check_learner_checkpoint
 from rltrain.sampling.flat import FlatSampler
 from rltrain.types import FinishReason, RolloutBatch, SamplingParams, build_rollout_batch
 
@@ -241,6 +241,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         resume_from = latest_checkpoint(run_dir)
     elif cfg.run.resume != "never":
         resume_from = cfg.run.resume
+    if resume_from:
+        check_learner_checkpoint(cfg, resume_from)
     total_optimizer_steps = cfg.trainer.steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches
     runtime = Runtime(cfg, prep.model_path, total_optimizer_steps)
     try:

@@ -12,6 +12,7 @@ import sys
 BENCHMARKS = {
     "grader": "grades/s of the math grader through the process pool",
     "rollout": "flat vs tree sampling: computed tokens, trajectories/s",
+    "export": "peak memory of the DeepSpeed ZeRO-3 weight export, bucketed vs one dict",
 }
 
 

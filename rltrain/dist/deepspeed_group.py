@@ -101,7 +101,7 @@ class DeepSpeedRankWorker:
     def train_step(self, shard: RolloutBatch, loss_fn: LossFn, norm: LossNorm, num_micro: int, filler: RolloutBatch):
         return self.learner.train_step(shard, loss_fn, norm, num_micro, filler)
 
-    def export_weights(self, bucketed: bool) -> list:
+    def export_weights(self, bucketed: bool, bucket_mb: int | None = None) -> list:
         """Object refs put by this rank: one ref to {name: tensor}, or one per bucket; [] on ranks other than 0.
 
         Tensors are put with Ray's zero-copy torch serialisation (enabled for these actors), so a put costs no
@@ -112,7 +112,7 @@ class DeepSpeedRankWorker:
 
         if bucketed:
             refs = []
-            for bucket in self.learner.export_buckets():
+            for bucket in self.learner.export_buckets(bucket_mb):
                 if bucket:
                     refs.append(ray.put(bucket))
                 del bucket  # free this bucket's copy before the next one is gathered
@@ -153,6 +153,7 @@ class DeepSpeedLearnerGroup:
             offload_optimizer=rank_options["offload_optimizer"],
             offload_params=rank_options["offload_params"],
         )
+        self.zero_stage = int(rank_options["zero_stage"])
         self.micro_batch_size = int(rank_options["micro_batch_size"])
         self.use_reference = bool(rank_options.get("use_reference", False))
         use_gpu = ray.cluster_resources().get("GPU", 0) >= self.world_size
@@ -239,9 +240,10 @@ class DeepSpeedLearnerGroup:
         """
         return self._gather([worker.export_weights.remote(False) for worker in self.workers])[0][0]
 
-    def export_weight_bucket_refs(self) -> list:
-        """Object refs to {hf_name: cpu tensor} buckets of at most ``export_bucket_mb`` each, in parameter order."""
-        return self._gather([worker.export_weights.remote(True) for worker in self.workers])[0]
+    def export_weight_bucket_refs(self, bucket_mb: int | None = None) -> list:
+        """Object refs to {hf_name: cpu tensor} buckets of at most ``bucket_mb`` (default ``export_bucket_mb``)
+        each, in parameter order."""
+        return self._gather([worker.export_weights.remote(True, bucket_mb) for worker in self.workers])[0]
 
     def save(self, directory: str) -> None:
         """ZeRO state in ``directory/deepspeed/`` + an HF model dir in ``directory`` (one shared filesystem)."""
@@ -249,6 +251,10 @@ class DeepSpeedLearnerGroup:
 
     def load(self, directory: str) -> None:
         """Resume the ZeRO state saved by ``save`` with the same world_size and zero_stage; call before training."""
+        from rltrain.learner.deepspeed_learner import check_checkpoint
+
+        # Checked here too, so that a mismatch is a plain ValueError and the group stays usable.
+        check_checkpoint(directory, world_size=self.world_size, zero_stage=self.zero_stage)
         self._gather([worker.load.remote(directory) for worker in self.workers])
 
     def actors(self) -> list:

@@ -1,0 +1,394 @@
+"""DeepSpeed ZeRO learner: one data-parallel rank. The only module that imports deepspeed (lazily).
+
+Ranks are created and driven by ``rltrain/dist/deepspeed_group.py``, which shards a batch across ranks and
+gives every rank the step's global ``LossNorm``. Two rules make a K-rank step equal to the single-process
+torch learner on the whole batch:
+
+- Gradient scale: loss contributions are already normalised by the global counts of the step (all
+  micro-batches, all ranks), so the step's gradient is the *sum* of the ranks' gradients. DeepSpeed
+  averages gradients over data-parallel ranks, so each rank back-propagates ``world_size * loss``.
+- Collectives: ZeRO-3 gathers parameters inside every forward and ZeRO-2 reduces gradients inside every
+  backward, so all ranks run the same number of micro-batches. A rank with fewer rows runs zero-weight
+  "filler" micro-batches (one row, loss multiplied by 0) to keep the collectives in step.
+
+The optimizer is the torch AdamW of ``rltrain/learner/optim.py`` (no JIT-built fused Adam), with the same
+warm-up schedule; gradient clipping is DeepSpeed's (same formula as ``clip_grad_norm_``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from rltrain.config import ConfigError
+from rltrain.learner.base import LossFn, LossNorm
+from rltrain.learner.logprobs import sequence_logprobs
+from rltrain.learner.optim import build_optimizer, build_scheduler
+from rltrain.types import RolloutBatch
+
+DEFAULT_EXTENSIONS_DIR = "~/.cache/rltrain/torch_extensions"  # JIT-built DeepSpeed ops, reused across runs
+CHECKPOINT_TAG = "deepspeed"  # ZeRO state lives in <save dir>/deepspeed/
+CHECKPOINT_META_FILE = "rltrain_deepspeed.json"
+ZERO_STAGES = (1, 2, 3)
+_PRECISION_KEYS = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    world_size: int,
+    grad_clip: float,
+    dtype: str,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    hidden_size: int | None = None,
+) -> dict:
+    """The DeepSpeed config dict of one learner rank; raises ValueError on an unsupported combination.
+
+    Gradient accumulation is driven by the learner (``set_gradient_accumulation_boundary``), so the config
+    says one micro-batch per step. ``hidden_size`` sets ZeRO-3's persistence threshold to HF's "auto"
+    value (10 * hidden): parameters smaller than that stay replicated instead of being gathered.
+    """
+    if world_size < 1:
+        raise ValueError(f"learner.world_size must be >= 1, got {world_size}")
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(f"learner.zero_stage must be one of {ZERO_STAGES}, got {zero_stage}")
+    if offload_params and zero_stage != 3:
+        raise ValueError(f"learner.offload_params needs learner.zero_stage=3, got zero_stage={zero_stage}")
+    if dtype not in ("float32", *_PRECISION_KEYS):
+        raise ValueError(f"model.dtype={dtype!r} is not one of float32, bfloat16, float16")
+    zero: dict = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero_stage == 3 and hidden_size:
+        zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        # The client optimizer is torch AdamW; offloading it must not demand DeepSpeed's CPU Adam.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if dtype in _PRECISION_KEYS:
+        config[_PRECISION_KEYS[dtype]] = {"enabled": True}
+    return config
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str) -> None:
+    """Join the torch.distributed group of the learner ranks (gloo on CPU, nccl on GPU).
+
+    Each rank sees only its own device (Ray sets CUDA_VISIBLE_DEVICES), hence LOCAL_RANK 0 on GPU.
+    LOCAL_SIZE stays unset so that DeepSpeed's shared-memory CPU all-reduce (inference only) is skipped.
+    """
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0" if backend == "nccl" else str(rank),
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+    )
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(DEFAULT_EXTENSIONS_DIR))
+    if backend == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have DeepSpeed warn while probing
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=rank, world_size=world_size
+    )
+
+
+def bucket_by_bytes(sizes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive index groups whose byte sizes sum to at most ``bucket_bytes`` (a larger item is alone)."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for index, size in enumerate(sizes):
+        if current and filled + size > bucket_bytes:
+            buckets.append(current)
+            current, filled = [], 0
+        current.append(index)
+        filled += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def padding_bounds(prompt_mask: Tensor, response_mask: Tensor) -> tuple[int, int]:
+    """(first prompt column that is real in some row, number of response columns up to the last trained-on one).
+
+    prompt_mask [b,P], response_mask [b,T]. The response width is at least 1.
+    """
+    real_prompt = prompt_mask.sum(0).nonzero()
+    start = int(real_prompt[0]) if len(real_prompt) else 0
+    trained = response_mask.sum(0).nonzero()
+    width = int(trained[-1]) + 1 if len(trained) else 1
+    return start, width
+
+
+def trimmed_logprobs(
+    model, micro: RolloutBatch, temperature: float, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``sequence_logprobs`` without the micro-batch's all-padding columns; (logprobs [b,T], entropy [b,T] | None).
+
+    Exact: dropped prompt columns are masked for every row (positions come from the mask's cumsum), and
+    dropped response columns come after every trained-on token of a causal model (their outputs are 0 anyway).
+    """
+    start, width = padding_bounds(micro.prompt_mask, micro.response_mask)
+    view = RolloutBatch(
+        prompt_ids=micro.prompt_ids[:, start:],
+        prompt_mask=micro.prompt_mask[:, start:],
+        response_ids=micro.response_ids[:, :width],
+        response_mask=micro.response_mask[:, :width],
+        rollout_logprobs=micro.rollout_logprobs[:, :width],
+        group=micro.group,
+        finish_reason=micro.finish_reason,
+        policy_version=micro.policy_version,
+    )
+    logprobs, entropy = sequence_logprobs(model, view, temperature, with_entropy)
+    pad = (0, micro.response_ids.shape[1] - width)
+    return torch.nn.functional.pad(logprobs, pad), (torch.nn.functional.pad(entropy, pad) if with_entropy else None)
+
+
+def padded_micro_batches(
+    shard: RolloutBatch, micro_batch_size: int, num_micro: int, filler: RolloutBatch
+) -> list[tuple[RolloutBatch, bool]]:
+    """This rank's micro-batches, padded with ``filler`` to ``num_micro``; (micro, is_real) pairs."""
+    real = shard.micro_batches(micro_batch_size) if shard.batch_size else []
+    if len(real) > num_micro:
+        raise ValueError(f"shard of {shard.batch_size} rows needs {len(real)} micro-batches, plan allows {num_micro}")
+    return [(micro, True) for micro in real] + [(filler, False)] * (num_micro - len(real))
+
+
+class DeepSpeedLearner:
+    """One rank of a DeepSpeed ZeRO learner. ``init_distributed`` must have run in this process."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        rank: int,
+        world_size: int,
+        zero_stage: int = 1,
+        offload_optimizer: bool = False,
+        offload_params: bool = False,
+        export_bucket_mb: int = 64,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        total_steps: int = 1,
+        grad_clip: float = 1.0,
+        micro_batch_size: int = 16,
+        temperature: float = 1.0,
+        use_reference: bool = False,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ):
+        import deepspeed
+        from transformers import AutoConfig
+
+        from rltrain.models import load_causal_lm, load_tokenizer
+
+        if export_bucket_mb < 1:
+            raise ValueError(f"learner.export_bucket_mb must be >= 1, got {export_bucket_mb}")
+        torch.manual_seed(seed)
+        self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
+        self.micro_batch_size, self.temperature = micro_batch_size, temperature
+        self.export_bucket_bytes = export_bucket_mb * 2**20
+        self.config = deepspeed_config(
+            zero_stage=zero_stage,
+            micro_batch_size=micro_batch_size,
+            world_size=world_size,
+            grad_clip=grad_clip,
+            dtype=dtype,
+            offload_optimizer=offload_optimizer,
+            offload_params=offload_params,
+            hidden_size=getattr(AutoConfig.from_pretrained(model_path), "hidden_size", None),
+        )
+        # While this object lives, from_pretrained builds ZeRO-3 models already partitioned (never whole on a rank).
+        self._hf_zero3 = _hf_zero3_config(self.config) if zero_stage == 3 else None
+        model = load_causal_lm(model_path, dtype)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = build_optimizer(model.parameters(), lr, betas, weight_decay, eps=adam_eps)
+        scheduler = build_scheduler(optimizer, warmup_steps, total_steps, lr_schedule)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+        )
+        self.device = self.engine.device
+        self.tokenizer = load_tokenizer(model_path)
+        self.reference = self._build_reference(model_path, dtype) if use_reference else None
+        self.optimizer_steps = 0
+
+    def _build_reference(self, model_path: str, dtype: str):
+        """Frozen copy of the initial policy: a ZeRO-3 inference engine (partitioned) or a replicated module."""
+        import deepspeed
+
+        from rltrain.models import load_causal_lm
+
+        model = load_causal_lm(model_path, dtype).eval().requires_grad_(False)
+        if self.zero_stage != 3:
+            return model.to(self.device)
+        config = dict(self.config)
+        config["zero_optimization"] = {
+            key: value for key, value in self.config["zero_optimization"].items() if key != "offload_optimizer"
+        }
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()  # DeepSpeedEngine.eval() returns None, unlike Module.eval()
+        return engine
+
+    @torch.no_grad()
+    def logprobs(self, shard: RolloutBatch, reference: bool, num_micro: int, filler: RolloutBatch) -> Tensor:
+        """[rows, T] logprobs of this rank's rows (collective: every rank runs ``num_micro`` forwards)."""
+        model = self.reference if reference else self.engine
+        if model is None:
+            raise RuntimeError("reference logprobs requested but the learner has no reference model (use_reference)")
+        was_training = model.training
+        model.eval()
+        parts = []
+        for micro, real in padded_micro_batches(shard, self.micro_batch_size, num_micro, filler):
+            logprobs = trimmed_logprobs(model, micro.to(self.device), self.temperature)[0]
+            if real:
+                parts.append(logprobs.float().cpu())
+        model.train(was_training)
+        if not parts:
+            return torch.zeros(0, shard.response_ids.shape[1])
+        return torch.cat(parts)
+
+    def train_step(
+        self, shard: RolloutBatch, loss_fn: LossFn, norm: LossNorm, num_micro: int, filler: RolloutBatch
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """One optimizer step (collective). Returns (this rank's metric contributions, step-wide metrics)."""
+        self.engine.train()
+        micros = padded_micro_batches(shard, self.micro_batch_size, num_micro, filler)
+        totals: dict[str, float] = {}
+        total_loss = 0.0
+        for index, (micro, real) in enumerate(micros):
+            self.engine.set_gradient_accumulation_boundary(index == len(micros) - 1)
+            micro = micro.to(self.device)
+            logprobs, entropy = trimmed_logprobs(self.engine, micro, self.temperature, real and loss_fn.needs_entropy)
+            if real:
+                loss, metrics = loss_fn(logprobs, entropy, micro, norm)
+                total_loss += float(loss.detach())
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+            else:
+                loss = logprobs.sum() * 0.0
+            # DeepSpeed averages rank gradients; the contributions are global, so the step needs their sum.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        lr = self.scheduler.get_last_lr()[0]
+        self.engine.step()
+        step_metrics = {"perf/grad_norm": _as_float(self.engine.get_global_grad_norm()), "perf/lr": lr}
+        if not self.engine.was_step_applied():
+            # DeepSpeed skips non-finite steps without advancing the schedule; the torch learner advances it.
+            self.scheduler.step()
+            step_metrics["loss/skipped_nonfinite_steps"] = 1.0
+        self.optimizer_steps += 1
+        return {**totals, "loss/total": total_loss}, step_metrics
+
+    def export_buckets(self, bucket_mb: int | None = None) -> Iterator[dict[str, Tensor]]:
+        """HF-named CPU parameters in buckets of at most ``bucket_mb`` (default ``export_bucket_mb``; a bigger
+        tensor travels alone).
+
+        Rank 0 yields the tensors; other ranks yield empty dicts. Under ZeRO-3 this is collective (each bucket
+        is gathered on every rank, then released), so every rank must consume the whole iterator. Under
+        ZeRO-1/2 every rank holds the full parameters and the other ranks return at once.
+        """
+        if self.zero_stage != 3 and self.rank != 0:
+            return
+        named = list(self.engine.module.named_parameters())
+        sizes = [getattr(param, "ds_numel", param.numel()) * param.element_size() for _, param in named]
+        bucket_bytes = bucket_mb * 2**20 if bucket_mb is not None else self.export_bucket_bytes
+        for bucket in bucket_by_bytes(sizes, bucket_bytes):
+            chosen = [named[i] for i in bucket]
+            with self._gathered([param for _, param in chosen]):
+                if self.rank == 0:
+                    yield {name: param.detach().to("cpu", copy=True) for name, param in chosen}
+                else:
+                    yield {}
+
+    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """Learner protocol: (name, tensor) pairs, streamed bucket by bucket (see ``export_buckets``)."""
+        for bucket in self.export_buckets():
+            yield from bucket.items()
+
+    def _gathered(self, params: list[torch.nn.Parameter]):
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def save(self, directory: str) -> None:
+        """Collective. ZeRO state in ``directory/deepspeed/`` + an HF model dir (rank 0) in ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        full_state = None
+        if self.zero_stage == 3:
+            full_state = {}
+            for bucket in self.export_buckets():
+                full_state.update(bucket)
+        if self.rank == 0:
+            self.engine.module.save_pretrained(directory, state_dict=full_state)
+            self.tokenizer.save_pretrained(directory)
+            meta = {"world_size": self.world_size, "zero_stage": self.zero_stage}
+            with open(os.path.join(directory, CHECKPOINT_META_FILE), "w") as handle:
+                json.dump(meta, handle)
+        self.engine.save_checkpoint(
+            directory, tag=CHECKPOINT_TAG, client_state={"optimizer_steps": self.optimizer_steps}
+        )
+
+    def load(self, directory: str) -> None:
+        """Collective. Restore the ZeRO state written by ``save`` (same world_size and zero_stage: the group and
+        the trainer call ``check_checkpoint`` first)."""
+        path, client_state = self.engine.load_checkpoint(
+            directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+        self.optimizer_steps = int(client_state.get("optimizer_steps", 0))
+
+
+def check_checkpoint(directory: str, *, world_size: int, zero_stage: int) -> None:
+    """Raise ConfigError (a ValueError) unless ``directory`` has DeepSpeed learner state of this world_size, stage."""
+    meta_path = os.path.join(directory, CHECKPOINT_META_FILE)
+    if not os.path.isfile(meta_path) or not os.path.isdir(os.path.join(directory, CHECKPOINT_TAG)):
+        raise ConfigError(
+            f"{directory} has no DeepSpeed learner state ({CHECKPOINT_META_FILE} + {CHECKPOINT_TAG}/): it was not "
+            "saved by learner.backend=deepspeed; resume with the backend that saved it"
+        )
+    with open(meta_path) as handle:
+        meta = json.load(handle)
+    if (meta["world_size"], meta["zero_stage"]) != (world_size, zero_stage):
+        raise ConfigError(
+            f"checkpoint {directory} was saved with learner.world_size={meta['world_size']}, "
+            f"learner.zero_stage={meta['zero_stage']}; this learner has world_size={world_size}, "
+            f"zero_stage={zero_stage}. ZeRO state is partitioned per rank: resume with the same values"
+        )
+
+
+def _hf_zero3_config(config: dict):
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(config)
+
+
+def _as_float(value) -> float:
+    return float(value) if value is not None else float("nan")

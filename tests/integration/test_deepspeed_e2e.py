@@ -1,0 +1,48 @@
+"""The quickstart recipe through the real CLI with a two-rank DeepSpeed learner: train, weight sync, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_quickstart_e2e import _metrics, _rltrain
+
+pytestmark = pytest.mark.integration
+
+RUN = ["learner=deepspeed", "learner.world_size=2", "trainer.save_every=1", "trainer.eval_every=0"]
+
+
+def test_quickstart_trains_with_deepspeed_on_two_ranks_and_resumes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "trainer.steps=2")
+    assert "held-out pass@1 (greedy) before RL" in proc.stdout and "after RL" in proc.stdout
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for record in records[1:]:
+        for key in ("loss/total", "perf/grad_norm", "reward/mean"):
+            assert record.get(key) is not None and math.isfinite(record[key]), key
+    # The rollout worker samples with the weights the two ranks exported after the previous step.
+    assert records[2]["rollout/logprob_diff"] < 1e-3
+    ckpt = run_dir / "checkpoints" / "step_2"
+    meta = json.loads((ckpt / "rltrain_deepspeed.json").read_text())
+    assert meta == {"world_size": 2, "zero_stage": 2}
+    policy = dict(AutoModelForCausalLM.from_pretrained(ckpt).named_parameters())
+    base_dir = next(d for d in (tmp_path / "cache" / "sft").iterdir() if d.is_dir())
+    base = dict(AutoModelForCausalLM.from_pretrained(base_dir).named_parameters())
+    assert any(not torch.equal(policy[name], base[name]) for name in base), "RL steps did not change any parameter"
+
+    # A checkpoint of another world size is refused with a message naming both values, before any actor starts.
+    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "learner.world_size=1", "trainer.steps=3", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "learner.world_size=2" in proc.stderr and "world_size=1" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "trainer.steps=3", "run.resume=auto")
+    assert "resumed from" in proc.stdout + proc.stderr and "step_2" in proc.stdout + proc.stderr
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert math.isfinite(records[3]["loss/total"]) and records[3]["rollout/logprob_diff"] < 1e-3
