@@ -253,7 +253,7 @@ class DeepSpeedLearnerGroup:
         """Resume the ZeRO state saved by ``save`` with the same world_size and zero_stage; call before training."""
         from rltrain.learner.deepspeed_learner import check_checkpoint
 
-        # Checked here too, so that a mismatch is a plain ValueError and the group stays usable.
+        # On the driver, before any rank loads: a mismatch is a plain ConfigError and the group stays usable.
         check_checkpoint(directory, world_size=self.world_size, zero_stage=self.zero_stage)
         self._gather([worker.load.remote(directory) for worker in self.workers])
 
