@@ -101,6 +101,8 @@ def encode_prompts(rows: list[dict], tokenizer, cfg: DictConfig) -> tuple[list[d
 
 def warm_start(cfg: DictConfig, base_path: str, train_rows: list[dict]) -> str:
     """SFT the base model on the task (cached by a hash of its inputs); returns the model dir to train."""
+    import torch
+
     from rltrain.sft import run_sft, sft_cache_key
 
     sc = cfg.sft
@@ -114,18 +116,26 @@ def warm_start(cfg: DictConfig, base_path: str, train_rows: list[dict]) -> str:
         log.info("SFT warm start: reusing %s", out_dir)
         return out_dir
     log.info("SFT warm start: %d steps -> %s", sc.steps, out_dir)
-    return run_sft(
-        base_path,
-        train_rows,
-        out_dir,
-        steps=sc.steps,
-        batch_size=sc.batch_size,
-        lr=sc.lr,
-        warmup_steps=sc.warmup_steps,
-        template=cfg.data.template,
-        system_prompt=cfg.data.system_prompt,
-        seed=cfg.run.seed,
-    )
+    # The driver trains here with cluster.omp_threads torch threads, like the actors: OpenMP threads that
+    # outnumber the free cores spin-wait on each other (the quickstart's 80 SFT steps: 12 s with 1 thread,
+    # 150-360 s with 2 threads on 2 cores while one other process was busy).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.cluster.omp_threads)
+    try:
+        return run_sft(
+            base_path,
+            train_rows,
+            out_dir,
+            steps=sc.steps,
+            batch_size=sc.batch_size,
+            lr=sc.lr,
+            warmup_steps=sc.warmup_steps,
+            template=cfg.data.template,
+            system_prompt=cfg.data.system_prompt,
+            seed=cfg.run.seed,
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def prepare(cfg: DictConfig, *, with_sft: bool = True) -> Prepared:
