@@ -53,13 +53,24 @@ def balance_by_tokens(requests: Sequence[GenRequest], max_tokens: int, num_worke
     return [sorted(share) for share in shares]
 
 
+def rollout_gpus(engine: str, options: dict[str, Any], cluster_gpus: float) -> int:
+    """GPUs each rollout actor reserves: a vLLM engine's tensor-parallel size when the cluster has GPUs.
+
+    Ray hides every GPU from an actor that reserves none, so a CUDA engine must ask for its devices.
+    """
+    if cluster_gpus <= 0 or engine not in ("vllm", "auto"):
+        return 0
+    return int(options.get("tensor_parallel_size", 1))
+
+
 class RolloutGroup:
     """N rollout workers with token-balanced data-parallel dispatch and worker replacement."""
 
     def __init__(self, num_workers: int, cpus: float, worker_args: dict[str, Any]):
         import ray
 
-        self._remote = ray.remote(num_cpus=cpus, max_restarts=0)(RolloutWorker)
+        gpus = rollout_gpus(worker_args["engine"], worker_args["options"], ray.cluster_resources().get("GPU", 0))
+        self._remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(RolloutWorker)
         self._args = worker_args
         self.workers = [self._spawn() for _ in range(num_workers)]
         ray.get([w.ready.remote() for w in self.workers])
@@ -93,22 +104,35 @@ class RolloutGroup:
                 results[index] = output
         return results  # type: ignore[return-value]
 
-    def _replace(self, slot: int) -> None:
+    def _replace(self, slot: int) -> int:
+        """Start a fresh worker in ``slot`` holding the last synced weights; returns its policy version."""
         import ray
 
         self.workers[slot] = self._spawn()
         ray.get(self.workers[slot].ready.remote())
         self.replacements += 1
-        if self._weights is not None:
-            weights_ref, version = self._weights
-            ray.get(self.workers[slot].load_weights.remote(weights_ref, version))
+        if self._weights is None:
+            return ray.get(self.workers[slot].policy_version.remote())
+        weights_ref, version = self._weights
+        return ray.get(self.workers[slot].load_weights.remote(weights_ref, version))
 
     def load_weights(self, weights_ref: Any, version: int) -> list[int]:
-        """Send the learner's weights (an object ref: no driver copy) to every worker; returns their versions."""
+        """Send the learner's weights (an object ref: no driver copy) to every worker; returns their versions.
+
+        A worker that dies meanwhile is replaced, and the replacement loads these weights.
+        """
         import ray
 
         self._weights = (weights_ref, version)
-        return ray.get([w.load_weights.remote(weights_ref, version) for w in self.workers])
+        pending = [w.load_weights.remote(weights_ref, version) for w in self.workers]
+        versions = []
+        for slot, ref in enumerate(pending):
+            try:
+                versions.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                log.warning("rollout worker %d died during weight sync; replacing it", slot)
+                versions.append(self._replace(slot))
+        return versions
 
     def shutdown(self) -> None:
         import ray

@@ -106,6 +106,7 @@ class VLLMGenerator:
         self.model_path = model_path
         self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
         self._version = 0
+        self._partial_load_error: str | None = None
         try:
             self._check_supported(current_platform)
         except Exception:
@@ -143,6 +144,8 @@ class VLLMGenerator:
         k of the call (counting across requests) uses seed ``params.seed + k``, so identical requests
         still draw different samples and a call is reproducible.
         """
+        if self._partial_load_error is not None:
+            raise RuntimeError(f"{self._partial_load_error}; load a complete set of weights before generating")
         if not requests:
             return []
         self._check_lengths(requests)
@@ -170,12 +173,20 @@ class VLLMGenerator:
         """Copy HF-named tensors into the engine's model in place, drop the now stale prefix cache, record ``version``.
 
         vLLM maps HF names onto its fused layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj). An
-        unknown name raises and leaves ``policy_version`` unchanged.
+        unknown name raises ValueError and leaves ``policy_version`` unchanged; ``generate`` then refuses
+        to run until a later ``load_weights`` succeeds, since the tensors before the bad one were copied.
         """
         weights = list(named_tensors)
         if not weights:
             raise ValueError("load_weights: no tensors given")
-        self._llm.apply_model(lambda model: model.load_weights(weights))
+        try:
+            self._llm.apply_model(lambda model: model.load_weights(weights))
+        except Exception as exc:
+            # Tensors before the failing one are already copied: the weights are now a mix of two versions.
+            first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            self._partial_load_error = f"load_weights of version {version} failed part-way ({first_line})"
+            raise
+        self._partial_load_error = None
         # KV blocks computed with the old weights must not be reused by requests sampled with the new ones.
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("load_weights: vLLM could not reset its prefix cache (requests still running?)")
