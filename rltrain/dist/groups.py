@@ -6,6 +6,7 @@ the cluster run are one code path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -42,14 +43,25 @@ def stop_ray() -> None:
 
 
 def balance_by_tokens(requests: Sequence[GenRequest], max_tokens: int, num_workers: int) -> list[list[int]]:
-    """Split request indices into ``num_workers`` lists of roughly equal token cost (largest first)."""
-    cost = [(len(r.context_ids) + max_tokens) * r.n for r in requests]
+    """Split request indices into ``num_workers`` sorted lists of roughly equal token cost.
+
+    Requests with the same ``prompt_ids`` (a tree's segments of one prompt) go to one worker, so that its
+    prefix cache, not a second worker's prefill, serves their shared context. Prompt groups are placed
+    largest first onto the least loaded worker; a request costs ``(context tokens + max_tokens) * n``.
+    """
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for index, request in enumerate(requests):
+        by_prompt.setdefault(request.prompt_ids, []).append(index)
+    cost = {
+        prompt: sum((len(requests[i].context_ids) + max_tokens) * requests[i].n for i in indices)
+        for prompt, indices in by_prompt.items()
+    }
     shares: list[list[int]] = [[] for _ in range(num_workers)]
     loads = [0] * num_workers
-    for index in sorted(range(len(requests)), key=lambda i: -cost[i]):
+    for prompt in sorted(by_prompt, key=lambda p: -cost[p]):
         target = loads.index(min(loads))
-        shares[target].append(index)
-        loads[target] += cost[index]
+        shares[target].extend(by_prompt[prompt])
+        loads[target] += cost[prompt]
     return [sorted(share) for share in shares]
 
 
@@ -61,6 +73,14 @@ def rollout_gpus(engine: str, options: dict[str, Any], cluster_gpus: float) -> i
     if cluster_gpus <= 0 or engine not in ("vllm", "auto"):
         return 0
     return int(options.get("tensor_parallel_size", 1))
+
+
+def share_params(params: SamplingParams, slot: int) -> SamplingParams:
+    """Worker ``slot``'s sampling params: a seeded call gives each share its own seed range, so workers
+    never draw the same random stream (a re-run share repeats its own exactly)."""
+    if params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + slot * 1_000_003)
 
 
 class RolloutGroup:
@@ -85,8 +105,9 @@ class RolloutGroup:
         import ray
 
         shares = balance_by_tokens(requests, params.max_tokens, len(self.workers))
+        slot_params = [share_params(params, slot) for slot in range(len(shares))]
         pending = {
-            slot: self.workers[slot].generate.remote([requests[i] for i in share], params)
+            slot: self.workers[slot].generate.remote([requests[i] for i in share], slot_params[slot])
             for slot, share in enumerate(shares)
             if share
         }
@@ -99,7 +120,8 @@ class RolloutGroup:
                     "rollout worker %d died; replacing it and re-running its %d requests", slot, len(shares[slot])
                 )
                 self._replace(slot)
-                outputs = ray.get(self.workers[slot].generate.remote([requests[i] for i in shares[slot]], params))
+                retry = self.workers[slot].generate.remote([requests[i] for i in shares[slot]], slot_params[slot])
+                outputs = ray.get(retry)
             for index, output in zip(shares[slot], outputs):
                 results[index] = output
         return results  # type: ignore[return-value]

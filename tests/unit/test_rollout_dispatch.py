@@ -1,0 +1,34 @@
+"""Rollout dispatch: token-balanced shares with prompt affinity, and GPU reservation per rollout actor."""
+
+from __future__ import annotations
+
+from rltrain.dist.groups import balance_by_tokens, rollout_gpus
+from rltrain.types import GenRequest
+
+
+def test_shares_cover_every_request_once_and_balance_tokens():
+    requests = [GenRequest(prompt_ids=(i,) * (10 + i), n=2) for i in range(8)]
+    shares = balance_by_tokens(requests, max_tokens=5, num_workers=3)
+    assert sorted(i for share in shares for i in share) == list(range(8))
+    loads = [sum((len(requests[i].context_ids) + 5) * 2 for i in share) for share in shares]
+    # Largest-first greedy: no share exceeds the smallest by more than the largest single request.
+    assert max(loads) - min(loads) <= (len(requests[-1].context_ids) + 5) * 2
+
+
+def test_requests_of_one_prompt_share_a_worker():
+    a, b = (1, 2, 3), (4, 5, 6)
+    requests = [GenRequest(a), GenRequest(b), GenRequest(a, prefix_ids=(7,)), GenRequest(b, prefix_ids=(8, 9), n=3)]
+    shares = balance_by_tokens(requests, max_tokens=4, num_workers=2)
+    assert sorted(shares) == [[0, 2], [1, 3]]
+
+
+def test_more_workers_than_prompts_leaves_some_idle():
+    shares = balance_by_tokens([GenRequest((1,)), GenRequest((1,), prefix_ids=(2,))], max_tokens=1, num_workers=3)
+    assert sorted(shares) == [[], [], [0, 1]]
+
+
+def test_only_vllm_workers_on_a_gpu_cluster_reserve_gpus():
+    assert rollout_gpus("vllm", {"tensor_parallel_size": 2}, cluster_gpus=8) == 2
+    assert rollout_gpus("auto", {}, cluster_gpus=1) == 1
+    assert rollout_gpus("vllm", {"tensor_parallel_size": 2}, cluster_gpus=0) == 0
+    assert rollout_gpus("torch", {}, cluster_gpus=8) == 0
