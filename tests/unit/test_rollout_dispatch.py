@@ -32,3 +32,13 @@ def test_only_vllm_workers_on_a_gpu_cluster_reserve_gpus():
     assert rollout_gpus("auto", {}, cluster_gpus=1) == 1
     assert rollout_gpus("vllm", {"tensor_parallel_size": 2}, cluster_gpus=0) == 0
     assert rollout_gpus("torch", {}, cluster_gpus=8) == 0
+
+
+def test_seeded_calls_give_each_worker_its_own_seed_range():
+    from rltrain.dist.groups import share_params
+    from rltrain.types import SamplingParams
+
+    seeded = SamplingParams(seed=5)
+    seeds = [share_params(seeded, slot).seed for slot in range(3)]
+    assert seeds[0] == 5 and len(set(seeds)) == 3
+    assert share_params(SamplingParams(), 2).seed is None
