@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,7 @@ class DataConfig:
 
 @dataclass
 class TreeConfig:
-    """Tree-segment sampling (TreePO). See docs/algorithms.md."""
+    """Tree-segment sampling (TreePO). See docs/tree.md."""
 
     segment_len: int = 16  # l: max tokens per segment
     max_depth: int = 6  # d: max segments per trajectory
@@ -80,7 +81,12 @@ class TreeConfig:
     init_divergence_max: int = -1
     divergence_policy: str = "even"  # even | logprob | entropy
     divergence_temperature: float = 2.0
-    fallback: bool = True
+    fallback: bool = True  # restart an exhausted prompt from a finished STOP path (false: from the root)
+    fallback_policy: str = "segment"  # segment: at a segment boundary | critical: at a high-surprisal token (CURE)
+    critical_top_k: int = 20
+    answer_pattern: str | None = None  # regex; its first match ends a path (TreePO "boxed as EOS")
+    repetition_ngram: int = 0  # > 0: a path repeating an n-gram repetition_count times ends
+    repetition_count: int = 8
 
 
 @dataclass
@@ -251,6 +257,7 @@ _CHOICES = {
     "rollout.engine": ("torch", "vllm", "auto"),
     "rollout.sampler": ("flat", "tree"),
     "rollout.tree.divergence_policy": ("even", "logprob", "entropy"),
+    "rollout.tree.fallback_policy": ("segment", "critical"),
     "learner.backend": ("torch", "deepspeed"),
     "learner.lr_schedule": ("constant", "cosine", "linear"),
     "learner.zero_stage": (1, 2, 3),
@@ -278,6 +285,11 @@ _POSITIVE = (
     "data.num_eval",
     "trainer.keep_checkpoints",
     "trainer.save_every",
+    "rollout.tree.segment_len",
+    "rollout.tree.max_depth",
+    "rollout.tree.branching",
+    "rollout.tree.critical_top_k",
+    "rollout.tree.repetition_count",
 )
 
 
@@ -300,10 +312,20 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(cfg.data)
     _validate_model(cfg.model, cfg.rollout.engine)
     _validate_algorithm(cfg)
-    if cfg.rollout.sampler == "tree" and cfg.rollout.tree.width < 2:
-        raise ConfigError("rollout.tree.width must be >= 2 (a group needs at least two trajectories)")
+    if cfg.rollout.sampler == "tree":
+        _validate_tree(cfg.rollout.tree)
     if not cfg.reward.functions:
         raise ConfigError("reward.functions is empty: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
+
+
+def _validate_tree(tree: DictConfig) -> None:
+    if tree.width < 2:
+        raise ConfigError("rollout.tree.width must be >= 2 (a group needs at least two trajectories)")
+    if tree.answer_pattern is not None:
+        try:
+            re.compile(tree.answer_pattern)
+        except re.error as err:
+            raise ConfigError(f"rollout.tree.answer_pattern={tree.answer_pattern!r} is not a regex: {err}") from None
 
 
 def _validate_data(data: DictConfig) -> None:

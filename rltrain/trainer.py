@@ -9,9 +9,11 @@ One step:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+import random
 import time
 
 import torch
@@ -39,11 +41,22 @@ def sampling_params(cfg: DictConfig, prep: Prepared, *, evaluation: bool = False
     )
 
 
-def build_sampler(cfg: DictConfig, runtime: Runtime):
+def rollout_seed(run_seed: int, stream_state: dict[str, int]) -> int:
+    """Sampling seed of the generation batch drawn at ``stream_state``.
+
+    A function of the run seed and the (checkpointed) prompt-stream position, so a resumed run samples
+    exactly what the uninterrupted run would have, and a re-run request (replaced worker) repeats itself.
+    """
+    draw = stream_state["epoch"] * stream_state["num_rows"] + stream_state["position"]
+    return random.Random(f"{run_seed}:rollout:{draw}").getrandbits(31)
+
+
+def build_sampler(cfg: DictConfig, runtime: Runtime, decode):
     if cfg.rollout.sampler == "tree":
         from rltrain.sampling.tree_sampler import TreeSampler
 
-        return TreeSampler(runtime.generate, **OmegaConf.to_container(cfg.rollout.tree, resolve=True))
+        tree = OmegaConf.to_container(cfg.rollout.tree, resolve=True)
+        return TreeSampler(runtime.generate, seed=cfg.run.seed, decode=decode, **tree)
     return FlatSampler(runtime.generate, cfg.rollout.n)
 
 
@@ -69,7 +82,7 @@ class Trainer:
         from rltrain.data.stream import PromptStream
 
         self.cfg, self.prep, self.runtime = cfg, prep, runtime
-        self.sampler = build_sampler(cfg, runtime)
+        self.sampler = build_sampler(cfg, runtime, prep.tokenizer.decode)
         self.loss_fn = build_loss_fn(cfg)
         self.params = sampling_params(cfg, prep)
         self.stream = PromptStream(
@@ -81,9 +94,10 @@ class Trainer:
     def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """One generation batch from the prompt stream: sampled, graded, overlong-shaped."""
         prep = self.prep
+        params = dataclasses.replace(self.params, seed=rollout_seed(self.cfg.run.seed, self.stream.state_dict()))
         indices = [row["index"] for row in self.stream.next_batch()]
         start = time.time()
-        traj = self.sampler.sample([prep.train_prompts[i] for i in indices], self.params)
+        traj = self.sampler.sample([prep.train_prompts[i] for i in indices], params)
         rollout_s = time.time() - start
         rows = [prep.train_rows[indices[i]] for i in traj.prompt_index]
         groups = [self.next_group_id + i for i in traj.prompt_index]
@@ -139,7 +153,9 @@ class Trainer:
         while not group_filter.is_full:
             batch, metrics = self.rollout(step)
             group_filter.add(batch)
-            for key in [k for k in metrics if k.startswith(("perf/", "reward/errors/"))]:
+            # times, error counts and token accounting add up over generation batches
+            summed = ("perf/", "reward/errors/", "rollout/prefill_", "rollout/decoded")
+            for key in [k for k in metrics if k.startswith(summed)]:
                 perf[key] = perf.get(key, 0.0) + metrics[key]
         metrics.update(perf)
         return group_filter.take(), {

@@ -92,13 +92,14 @@ class RolloutGroup:
         gpus = rollout_gpus(worker_args["engine"], worker_args["options"], ray.cluster_resources().get("GPU", 0))
         self._remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(RolloutWorker)
         self._args = worker_args
-        self.workers = [self._spawn() for _ in range(num_workers)]
+        self.workers = [self._spawn(slot) for slot in range(num_workers)]
         ray.get([w.ready.remote() for w in self.workers])
         self._weights: tuple[Any, int] | None = None
         self.replacements = 0
 
-    def _spawn(self):
-        return self._remote.remote(**self._args)
+    def _spawn(self, slot: int):
+        """Worker ``slot`` seeds its engine with ``seed + slot``: engines never share an unseeded random stream."""
+        return self._remote.remote(**{**self._args, "seed": self._args["seed"] + slot})
 
     def generate(self, requests: Sequence[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
         """Results in request order. A worker that dies is replaced and its share re-run once."""
@@ -130,7 +131,7 @@ class RolloutGroup:
         """Start a fresh worker in ``slot`` holding the last synced weights; returns its policy version."""
         import ray
 
-        self.workers[slot] = self._spawn()
+        self.workers[slot] = self._spawn(slot)
         ray.get(self.workers[slot].ready.remote())
         self.replacements += 1
         if self._weights is None:

@@ -128,6 +128,8 @@ class TreeSampler:
             repetition_count=self.repetition[1],
             decode=self.decode,
         )
+        if params.seed is not None:  # a seeded call is reproducible on its own (resumed runs, re-runs)
+            self.rng = random.Random(params.seed)
         tree = SegmentTree(len(prompts), self.branching, rules, self.rng, first_id=self.next_node_id)
         tree.start([self.rng.randint(self.init_low, self.init_high) for _ in prompts])
         prompt_ids = [tuple(p) for p in prompts]

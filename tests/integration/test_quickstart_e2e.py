@@ -91,7 +91,7 @@ def test_bad_config_fails_fast_before_ray(tmp_path):
     assert time.time() - start < 60
 
 
-def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint(tmp_path):
+def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint_as_if_never_stopped(tmp_path):
     run_dir = tmp_path / "run"
     args = [f"run.dir={run_dir}", "trainer.steps=6", "trainer.save_every=1", "trainer.eval_every=0"]
     cmd = [
@@ -120,3 +120,11 @@ def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint(tmp_path):
     assert sorted(os.listdir(ckpts)) == ["step_5", "step_6"]  # keep_checkpoints=2, no tmp leftovers
     for name in os.listdir(ckpts):
         assert os.path.isfile(ckpts / name / "COMPLETE")
+    # Rollout seeds follow the checkpointed prompt-stream position: every step, before and after the
+    # kill, equals the uninterrupted run's (same threads, CPU, fp32: deterministic).
+    straight_dir = tmp_path / "straight"
+    _rltrain(tmp_path, *args[1:], f"run.dir={straight_dir}")
+    straight = {r["step"]: r for r in _metrics(straight_dir)}
+    for record in records[1:]:
+        for key in ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean"):
+            assert abs(record[key] - straight[record["step"]][key]) <= 1e-6, (record["step"], key)
