@@ -56,6 +56,8 @@ def left_pad_rows(layers: list[tuple[Tensor, Tensor]], mask: Tensor, width: int)
 
 def stack_rows(parts: list[tuple[list[tuple[Tensor, Tensor]], Tensor]]):
     """Concatenate row blocks of different widths (left-padded to the widest) -> (layers, mask)."""
+    if len(parts) == 1:
+        return parts[0]
     width = max(mask.shape[1] for _, mask in parts)
     parts = [left_pad_rows(layers, mask, width) for layers, mask in parts]
     layers = [
@@ -67,6 +69,15 @@ def stack_rows(parts: list[tuple[list[tuple[Tensor, Tensor]], Tensor]]):
 
 def cache_layers(cache) -> list[tuple[Tensor, Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def select_rows(layers: list[tuple[Tensor, Tensor]], mask: Tensor, index: Tensor):
+    """Rows ``index`` of KV tensors [R,H,W,Dh] and mask [R,W]; no copy when ``index`` is 0..R-1 in order
+    (the common case: every kept row continues, in the order it was kept)."""
+    if len(index) == mask.shape[0] and torch.equal(index.cpu(), torch.arange(len(index))):
+        return layers, mask
+    index = index.to(mask.device)
+    return [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers], mask.index_select(0, index)
 
 
 class TorchTreeGenerator(TorchGenerator):
@@ -150,10 +161,16 @@ class TorchTreeGenerator(TorchGenerator):
         order = torch.empty_like(source)
         order[source] = torch.arange(len(source))
         repeats = torch.tensor([r.n for r in requests])
-        index = order.repeat_interleave(repeats).to(self.device)
-        cache = DynamicCache(ddp_cache_data=[(k.index_select(0, index), v.index_select(0, index)) for k, v in layers])
+        index = order.repeat_interleave(repeats)
+        layers, mask = select_rows(layers, mask, index)
+        index = index.to(self.device)
         tokens, logprobs, reasons, cache, live, mask = self._decode_keep(
-            cache, torch.cat(logits)[index], mask[index], torch.cat(next_pos)[index], params, generator
+            DynamicCache(ddp_cache_data=layers),
+            torch.cat(logits)[index],
+            mask,
+            torch.cat(next_pos)[index],
+            params,
+            generator,
         )
         row_context = [c for c, r in zip(contexts, requests) for _ in range(r.n)]
         self._keep(cache, live, mask, row_context, tokens, reasons)
@@ -167,9 +184,7 @@ class TorchTreeGenerator(TorchGenerator):
         for entry in entries:
             offset[entry], start = start, start + entry.mask.shape[0]
         layers, mask = stack_rows([(entry.layers, entry.mask) for entry in entries])
-        index = torch.tensor([offset[entry] + row for entry, row in sources], device=self.device)
-        layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
-        mask = mask.index_select(0, index)
+        layers, mask = select_rows(layers, mask, torch.tensor([offset[entry] + row for entry, row in sources]))
         positions = mask.sum(-1, keepdim=True)  # real tokens already cached = position of the fed token
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = self.model(
@@ -233,13 +248,12 @@ class TorchTreeGenerator(TorchGenerator):
         keep = [i for i, row in enumerate(live.tolist()) if reasons[row] == FinishReason.LENGTH]
         if not keep:
             return
-        index = torch.tensor(keep, device=self.device)
-        layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache_layers(cache)]
+        layers, mask = select_rows(cache_layers(cache), mask, torch.tensor(keep))
         rows = {}
         for position, i in enumerate(keep):
             row = int(live[i])
             rows[row_context[row] + tuple(tokens[row][:-1])] = position
-        self._new.insert(0, KeptRows(layers, mask.index_select(0, index), rows))
+        self._new.insert(0, KeptRows(layers, mask, rows))
 
     @staticmethod
     def _package_stats(requests, reused, contexts, tokens, logprobs, reasons) -> list[list[GenResult]]:

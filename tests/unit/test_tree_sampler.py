@@ -301,3 +301,29 @@ def test_engine_returning_too_few_results_is_a_clear_error():
     sampler = TreeSampler(lambda requests, p: [[] for _ in requests], width=2)
     with pytest.raises(RuntimeError, match="different number of results"):
         sampler.sample([[1]], params(4))
+
+
+def test_every_tree_config_key_is_a_sampler_setting_and_bad_values_fail_before_start():
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from rltrain.config import ConfigError, register_configs, validate
+
+    register_configs()
+
+    def compose_tree(*overrides):
+        with initialize_config_module(config_module="recipes", version_base="1.3"):
+            return compose(config_name="treepo", overrides=list(overrides))
+
+    cfg = compose_tree()
+    validate(cfg)
+    assert cfg.rollout.sampler == "tree" and cfg.algorithm.advantage == "tree"
+    TreeSampler(lambda r, p: [], **OmegaConf.to_container(cfg.rollout.tree))  # no unknown keyword
+    for override, key in [
+        ("rollout.tree.fallback_policy=best", "fallback_policy"),
+        ("rollout.tree.segment_len=0", "segment_len"),
+        ("rollout.tree.answer_pattern='(x'", "answer_pattern"),
+        ("rollout.tree.width=1", "width"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            validate(compose_tree(override))
