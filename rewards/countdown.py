@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import ast
 import json
+import re
+import warnings
 from collections import Counter
 from fractions import Fraction
 from typing import Any
 
 MAX_EXPRESSION_CHARS = 1000  # longer "expressions" are not answers, and this bounds parsing time
 _OPERATORS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__}
+_ALLOWED_RE = re.compile(r"[0-9+\-*/()\s]*")  # anything else cannot be a valid answer
 _SYMBOLS = {"×": "*", "\\times": "*", "·": "*", "\\cdot": "*", "÷": "/", "\\div": "/", "−": "-"}
 
 
@@ -73,10 +76,13 @@ def parse_ground_truth(ground_truth: Any) -> tuple[Fraction, list[int]]:
 
 def check(expression: str, target: Fraction, numbers: list[int]) -> tuple[bool, bool]:
     """(valid, correct): valid = an allowed expression using exactly the given numbers; correct = it hits target."""
-    if not expression or len(expression) > MAX_EXPRESSION_CHARS:
+    if not expression or len(expression) > MAX_EXPRESSION_CHARS or not _ALLOWED_RE.fullmatch(expression):
         return False, False
     try:
-        tree = ast.parse(expression, mode="eval")
+        with warnings.catch_warnings():  # "1and 2" would print "SyntaxWarning: invalid decimal literal"
+            warnings.simplefilter("ignore", SyntaxWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tree = ast.parse(expression, mode="eval")
         literals: list[int] = []
         value = _evaluate(tree, literals)
     except (_Invalid, SyntaxError, ValueError, TypeError, RecursionError, OverflowError):

@@ -2,9 +2,11 @@
 
 Prediction: the last ``\\boxed{}``/``\\fbox{}`` (nested braces, unterminated boxes) is parsed first; when
 there is none, Math-Verify's own extraction runs on the tail of the completion ("final answer is $x$",
-"Answer: x", any LaTeX environment, the last plain number); then ``####`` or an answer phrase. Gold: a
-plain number is read as a number (thousands separators, decimal commas); any other plain string as the
-LaTeX inside ``\\boxed{}``; a string that already carries LaTeX delimiters is extracted like a completion.
+"Answer: x", any LaTeX environment, the last plain number); then ``####`` or an answer phrase. Gold: one
+plain number (``7,425,000``, ``1 000``, ``2.5``, ``25%``) is read as a number; any other plain string (``1,-2``
+is a set, ``\\$18.90`` money) as the LaTeX inside ``\\boxed{}``; a string that already carries LaTeX
+delimiters (``$``, ``\\(``, ``\\[``, ``\\boxed``) is extracted like a completion; a GSM8K solution by its
+``####`` line.
 
 Math-Verify's signal-based timeouts are switched off (they fail outside the main thread); time is bounded
 from outside by ``rltrain.grading.RewardGrader``, which kills a grader process that passes its deadline.
@@ -33,8 +35,29 @@ class _DisabledTimeoutNotice(logging.Filter):
 for _logger_name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_logger_name).addFilter(_DisabledTimeoutNotice())
 
+
+def _patch_antlr_4_9_parser() -> None:
+    """Make percentages parse under ANTLR 4.9 (the runtime hydra-core pins).
+
+    latex2sympy2_extended 1.11 ships a parser generated for ANTLR 4.9.3 whose ``AtomContext`` lacks the
+    ``FUNC_GAMMA`` accessor that its converter calls before it reaches ``PERCENT_NUMBER``, so every
+    ``28\\%`` fails with AttributeError and is compared as a raw string. The accessor returns the child
+    token, or None when the atom has none (always, in the 4.9 grammar).
+    """
+    try:
+        from latex2sympy2_extended.antlr_parser import PSParser
+    except Exception:  # noqa: BLE001 - another layout: leave it alone
+        return
+    atom = getattr(PSParser, "AtomContext", None)
+    if atom is not None and not hasattr(atom, "FUNC_GAMMA") and hasattr(PSParser, "FUNC_GAMMA"):
+        atom.FUNC_GAMMA = lambda self: self.getToken(PSParser.FUNC_GAMMA, 0)
+
+
+_patch_antlr_4_9_parser()
+
 MAX_COMPLETION_CHARS = 4000  # tail handed to Math-Verify's regex extraction when there is no box
-_LATEX_MARKERS = ("$", "\\(", "\\[", "\\boxed", "\\fbox")
+_LATEX_MARKERS = ("\\(", "\\[", "\\boxed", "\\fbox")
+_MATH_DOLLAR_RE = re.compile(r"(?<!\\)\$")  # a "$" delimiter; "\\$" is a currency sign
 _PLAIN_NUMBER_GOLD_RE = re.compile(r"[\s\d.,%+\-]+")
 _FINAL_ANSWER_RE = re.compile(r"final answer is", re.IGNORECASE)
 _LATEX_SPACING_RE = re.compile(r"\\[,!; ]|\s")
@@ -63,10 +86,10 @@ def _parse_gold(gold: str, extract: tuple[str, ...]) -> tuple:
     """Parsed gold answer(s); cached because a prompt's group shares one gold string."""
     if "####" in gold:  # a whole GSM8K-style solution: the answer follows the last "####"
         gold = after_last(gold, "####") or gold
-    if any(marker in gold for marker in _LATEX_MARKERS):
+    if any(marker in gold for marker in _LATEX_MARKERS) or _MATH_DOLLAR_RE.search(gold):
         return tuple(_parse(gold, extract))
-    if _PLAIN_NUMBER_GOLD_RE.fullmatch(gold) and "expr" in extract:
-        return tuple(_parse(gold, ("expr",)))
+    if "expr" in extract and _PLAIN_NUMBER_GOLD_RE.fullmatch(gold) and to_fraction(gold.strip()) is not None:
+        return tuple(_parse(gold, ("expr",)))  # one number: "7,425,000", "1 000", "2.5", "25%"
     return tuple(_parse(f"\\boxed{{{gold}}}", extract) or _parse(gold, extract))
 
 
@@ -112,22 +135,32 @@ def _count_boxes(text: str) -> int:
     return text.count("\\boxed") + text.count("\\fbox")
 
 
-def quick_verdict(window: str, golds: list[str], float_rounding: int) -> bool | None:
-    """Decide the common cases without SymPy; None when Math-Verify must decide.
+def single_box(window: str) -> str | None:
+    """Content of the window's only box when Math-Verify would read exactly that box, else None.
 
-    Only a window with exactly one box and no later "final answer is" qualifies (then Math-Verify would
-    read that box too). Correct: the box holds the gold string verbatim. Decided either way: box and every
-    gold are plain numbers (compared exactly, or at ``float_rounding`` decimals when one has a decimal point,
-    as Math-Verify does).
+    Qualifies: exactly one ``\\boxed``/``\\fbox`` with content and no "final answer is" after it (that
+    phrase shares the box's top priority and the right-most match wins).
     """
     if _count_boxes(window) != 1:
         return None
     box_start = max(window.rfind("\\boxed"), window.rfind("\\fbox"))
     if _FINAL_ANSWER_RE.search(window, box_start):
         return None
-    content = last_boxed(window)
-    if content is None:
-        return None
+    return last_boxed(window)
+
+
+def quick_verdict(window: str, golds: list[str], float_rounding: int) -> bool | None:
+    """Decide the common cases without SymPy; None when Math-Verify must decide.
+
+    Only a window with a ``single_box`` qualifies. Correct: the box holds the gold string verbatim. Decided
+    either way: box and every gold are plain numbers (compared exactly, or at ``float_rounding`` decimals
+    when one has a decimal point, as Math-Verify does).
+    """
+    content = single_box(window)
+    return None if content is None else _quick(content, golds, float_rounding)
+
+
+def _quick(content: str, golds: list[str], float_rounding: int) -> bool | None:
     content = content.strip().rstrip(".").replace("{,}", ",")
     if content in (gold.strip() for gold in golds):
         return True
@@ -136,6 +169,30 @@ def quick_verdict(window: str, golds: list[str], float_rounding: int) -> bool | 
     if predicted is None or any(value is None for value in expected):
         return None
     return any(_numbers_equal(predicted, value, float_rounding) for value in expected)
+
+
+@functools.lru_cache(maxsize=8192)
+def _box_verdict(golds: tuple[str, ...], content: str, extract: tuple[str, ...], options: tuple) -> bool | None:
+    """Math-Verify's verdict on a single box; None when the box alone does not parse (then the rest of the
+    window is read). Cached: the samples of one prompt often give the same answer."""
+    prediction = _parse(f"\\boxed{{{content}}}", extract)
+    if not prediction:
+        return None
+    parsed_golds = [parsed for gold in golds for parsed in _parse_gold(gold, extract)]
+    return bool(parsed_golds) and _verify(parsed_golds, prediction, options)
+
+
+def _verify(golds: list, prediction: list, options: tuple) -> bool:
+    float_rounding, numeric_precision, strict, allow_set_relation_comp = options
+    return verify(
+        golds,
+        prediction,
+        float_rounding=float_rounding,
+        numeric_precision=numeric_precision,
+        strict=strict,
+        allow_set_relation_comp=allow_set_relation_comp,
+        timeout_seconds=None,
+    )
 
 
 def _plain_number(text: str) -> tuple | None:
@@ -176,19 +233,17 @@ def score(
     extract = tuple(extract)
     text = completion if isinstance(completion, str) else str(completion)
     gold_strings = _golds(ground_truth)
-    correct = quick_verdict(answer_window(text), gold_strings, float_rounding) if "latex" in extract else None
+    window = answer_window(text)
+    box = single_box(window) if "latex" in extract else None
+    correct = None if box is None else _quick(box, gold_strings, float_rounding)
     if correct is None:
         golds = [parsed for gold in gold_strings for parsed in _parse_gold(gold, extract)]
         if not golds:
             return {"score": wrong_score, "acc": 0.0, "gold_unparsed": 1.0}
-        prediction = parse_prediction(text, extract)
-        correct = bool(prediction) and verify(
-            golds,
-            prediction,
-            float_rounding=float_rounding,
-            numeric_precision=numeric_precision,
-            strict=strict,
-            allow_set_relation_comp=allow_set_relation_comp,
-            timeout_seconds=None,
-        )
+        options = (float_rounding, numeric_precision, strict, allow_set_relation_comp)
+        if box is not None:
+            correct = _box_verdict(tuple(gold_strings), box, extract, options)
+        if correct is None:
+            prediction = parse_prediction(text, extract)
+            correct = bool(prediction) and _verify(golds, prediction, options)
     return {"score": correct_score if correct else wrong_score, "acc": float(correct), "gold_unparsed": 0.0}

@@ -1,21 +1,27 @@
 """Run a Python program in a locked-down child process (used by the ``code`` grader).
 
-Layers, outermost first:
-- a fresh temp working dir (deleted afterwards) and a scrubbed environment (PATH, HOME, TMPDIR, LANG only);
+Layers, outermost first (``rewards/_sandbox_child.py`` applies those inside the child):
+- a fresh temp working dir (deleted afterwards) and a scrubbed environment (PATH, HOME, TMPDIR, LANG only):
+  the parent's secrets (API keys in its environment) are never handed down;
 - a new session: on the wall-clock deadline or an output overflow the whole process group is SIGKILLed,
   and the child dies with its parent (PR_SET_PDEATHSIG);
-- resource limits: CPU seconds, address space, file size, open files, processes (RLIMIT_NPROC is counted
-  per user and not enforced for root), no core dumps;
-- no network: an empty network namespace when the kernel allows one (root, or unprivileged user
-  namespaces); whatever the namespace, a Python audit hook refuses sockets;
-- the audit hook also refuses process creation, signals, ctypes, writes outside the working dir and
-  reading other processes' /proc entries (e.g. the parent's environment).
-The audit hook guards against accidents and careless code, not a determined attacker (Python-level hooks can
-be bypassed); run untrusted code at scale inside a container or VM sandbox as well.
+- resource limits: CPU seconds, address space, file size, open files, processes (RLIMIT_NPROC counts every
+  process of the user and is not enforced for root, so it is a backstop only), no core dumps;
+- kernel layers, each used where the kernel offers it (``SandboxResult.layers`` says which held):
+  ``netns`` (an empty network namespace: root, or unprivileged user namespaces), ``landlock`` (writes only
+  beneath the working dir, no TCP, no signals to or ptrace of outside processes, hence no reading their
+  ``/proc/<pid>/environ``), ``seccomp`` (no fork/vfork/clone of a process/clone3/execve: a fork bomb fails at
+  its first fork, for any user id, without counting against anyone else's processes);
+- ``audit-hook``: a Python audit hook refuses sockets, process creation, signals, ctypes, writes outside the
+  working dir and reading other processes' /proc entries, with a clear PermissionError. On its own it guards
+  against accidents, not a determined attacker (``_posixsubprocess.fork_exec`` raises no audit event).
+Run untrusted code at scale inside a container or VM sandbox as well.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import selectors
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 
 _CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
 _READ_CHUNK = 65536
+_LAYERS_FILE = ".rltrain_sandbox_layers"  # written by the child: which protections took effect
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,10 @@ class SandboxLimits:
     memory_mb: int = 512  # address space
     file_size_mb: int = 16  # largest file the program may write
     open_files: int = 64
-    processes: int = 16  # RLIMIT_NPROC (also caps threads)
+    processes: int = 16  # RLIMIT_NPROC (also caps threads; per user, not enforced for root)
     output_bytes: int = 1 << 20  # per stream; more kills the program and sets output_truncated
+    kernel_layers: bool = True  # Landlock + seccomp; switch off only to test the other layers
+    audit_hook: bool = True  # the Python audit hook; switch off only to test the kernel layers
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class SandboxResult:
     stderr: str
     timed_out: bool
     output_truncated: bool
+    layers: tuple[str, ...] = ()  # protections that took effect: netns, landlock, seccomp, audit-hook
 
     @property
     def ok(self) -> bool:
@@ -60,9 +70,25 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="surrogatepass") as file:
             file.write(source)
-        return _run_in(workdir, stdin.encode("utf-8", errors="replace"), limits)
+        result = _run_in(workdir, stdin.encode("utf-8", errors="replace"), limits)
+        return dataclasses.replace(result, layers=_read_layers(workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_layers(workdir: str) -> tuple[str, ...]:
+    try:
+        with open(os.path.join(workdir, _LAYERS_FILE), encoding="utf-8") as file:
+            layers = json.loads(file.read(1000))
+    except (OSError, ValueError):
+        return ()
+    return tuple(str(layer) for layer in layers) if isinstance(layers, list) else ()
+
+
+@functools.lru_cache(maxsize=1)
+def active_layers() -> tuple[str, ...]:
+    """The protections a sandboxed program gets on this machine (runs an empty program once)."""
+    return run_python("pass", limits=SandboxLimits(timeout_s=30.0)).layers
 
 
 def _settings(limits: SandboxLimits) -> str:
@@ -74,6 +100,8 @@ def _settings(limits: SandboxLimits) -> str:
             "file_size_bytes": limits.file_size_mb * 2**20,
             "open_files": limits.open_files,
             "processes": limits.processes,
+            "kernel_layers": limits.kernel_layers,
+            "audit_hook": limits.audit_hook,
         }
     )
 

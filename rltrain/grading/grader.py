@@ -32,7 +32,7 @@ class GradeResult:
 
     rewards: torch.Tensor  # [B] float32, sum over functions of weight * score
     parts: dict[str, torch.Tensor]
-    metrics: dict[str, float]  # reward/<name>/mean, reward/<name>/<metric>, reward/errors/<kind>, perf/grading_s
+    metrics: dict[str, float]  # reward/<name>/mean, reward/<name>/<metric>, reward/errors/<kind>, perf/grading_*
 
 
 class RewardGrader:
@@ -132,6 +132,7 @@ def assemble(specs: list[RewardSpec], outcomes: list[Outcome], batch: int, on_er
         rewards += spec.weight * parts[spec.name]
     metrics = {f"reward/{key}{'/mean' if key in scores else ''}": _mean(part) for key, part in parts.items()}
     metrics.update({f"reward/errors/{kind}": float(errors[kind]) for kind in ERROR_KINDS})
+    metrics["perf/grading_call_max_s"] = max((outcome.elapsed_s for outcome in outcomes), default=0.0)
     return GradeResult(rewards=rewards, parts=parts, metrics=metrics)
 
 

@@ -4,15 +4,20 @@ Each worker gets chunks of calls and reports every call as it finishes, so the p
 call is running and since when. A call past its deadline gets its worker (and the worker's process
 group) SIGKILLed and replaced; a worker that dies mid-call (segfault, os._exit, OOM kill) costs that call
 alone. The calls it had not started yet go back to the queue. Works from any thread and inside Ray actors:
-processes come from a multiprocessing forkserver, never from forking the caller.
+processes come from a multiprocessing forkserver (single-threaded, graders preloaded, so a replacement
+starts in milliseconds), never from forking the caller. Unlike plain multiprocessing, grader processes do
+not re-import the caller's ``__main__`` module: a script without an ``if __name__ == "__main__":`` guard
+works, and a Ray worker's entry module (which imports all of Ray) is not loaded into every grader.
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing
+import multiprocessing.spawn
 import os
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,7 +28,30 @@ from rltrain.grading.worker import serve
 
 _START_TIMEOUT_S = 180.0  # a fresh worker imports the graders; slow on a loaded 2-core machine
 _MAX_START_FAILURES = 3
-_PRELOAD = ["__main__", "rltrain.grading.worker", "rewards.extract", "rewards.math", "rewards.gsm8k"]
+_PRELOAD = ["rltrain.grading.worker", "rewards.extract", "rewards.math", "rewards.gsm8k", "rewards.countdown"]
+_STARTING = threading.local()  # .active: this thread is starting a grader process
+_MAIN_KEYS = ("init_main_from_path", "init_main_from_name")
+
+
+def _install_main_module_filter() -> None:
+    """Wrap ``multiprocessing.spawn.get_preparation_data`` so processes started by a GraderPool are not told
+    to re-import ``__main__`` (graders are loaded by reference). Other callers see no change."""
+    original = multiprocessing.spawn.get_preparation_data
+    if getattr(original, "_rltrain_wrapped", False):
+        return
+
+    def get_preparation_data(name: str) -> dict:
+        data = original(name)
+        if getattr(_STARTING, "active", False):
+            for key in _MAIN_KEYS:
+                data.pop(key, None)
+        return data
+
+    get_preparation_data._rltrain_wrapped = True  # type: ignore[attr-defined]
+    multiprocessing.spawn.get_preparation_data = get_preparation_data
+
+
+_install_main_module_filter()
 
 
 @dataclass
@@ -33,6 +61,7 @@ class Outcome:
     kind: str
     values: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    elapsed_s: float = 0.0  # wall time of the call as seen from the parent (start to result or kill)
 
 
 @dataclass
@@ -63,7 +92,11 @@ class GraderPool:
         process = self._context.Process(
             target=serve, args=(child_conn, self._functions, self._memory_mb), name="rltrain-grader", daemon=True
         )
-        process.start()
+        _STARTING.active = True
+        try:
+            process.start()
+        finally:
+            _STARTING.active = False
         child_conn.close()
         return _Worker(process, parent_conn, started=time.monotonic())
 
@@ -119,8 +152,12 @@ class GraderPool:
                 else:
                     task_id, kind, payload = message
                     worker.in_flight.popleft()
-                    worker.current_since = time.monotonic()
-                    outcomes[task_id] = Outcome(kind, payload) if kind == "ok" else Outcome(kind, message=payload)
+                    now = time.monotonic()
+                    elapsed, worker.current_since = now - worker.current_since, now
+                    if kind == "ok":
+                        outcomes[task_id] = Outcome(kind, payload, elapsed_s=elapsed)
+                    else:
+                        outcomes[task_id] = Outcome(kind, message=payload, elapsed_s=elapsed)
                     finished += 1
         except (EOFError, OSError):
             pass
@@ -152,7 +189,8 @@ class GraderPool:
         _kill_group(worker)
         finished = 0
         if worker.in_flight:
-            outcomes[worker.in_flight.popleft()] = Outcome(kind, message=why)
+            elapsed = time.monotonic() - worker.current_since
+            outcomes[worker.in_flight.popleft()] = Outcome(kind, message=why, elapsed_s=elapsed)
             finished = 1
             pending.extendleft(reversed(worker.in_flight))
         elif not worker.ready:

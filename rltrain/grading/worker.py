@@ -51,7 +51,7 @@ def grade_one(spec: Any, completion: str, ground_truth: Any, fields: dict[str, A
         values = call_reward(spec, completion, ground_truth, fields)
     except MemoryError:
         return "memory", "MemoryError: the call needed more than reward.memory_mb of address space"
-    except (Exception, SystemExit) as error:
+    except BaseException as error:  # noqa: BLE001 - SystemExit, KeyboardInterrupt too: the worker lives on
         return "exception", _short(f"{type(error).__name__}: {error}")
     bad = sorted(name for name, value in values.items() if not math.isfinite(value))
     if bad:

@@ -64,3 +64,9 @@ def test_bad_ground_truth_raises_a_clear_error():
 @pytest.mark.parametrize("completion", ["<answer>" * 10_000, "9" * 100_000, "\x00\x01", "=" * 1000])
 def test_never_raises_on_odd_input(completion):
     assert countdown.score(completion, TRUTH)["score"] == 0.0
+
+
+@pytest.mark.parametrize("completion", ["1and 2", "4*6*1if 1", "0x1for", "(4)(6)(1)"])
+def test_invalid_literals_warn_nothing(completion, recwarn):
+    assert countdown.score(completion, TRUTH)["valid"] == 0.0
+    assert not [w for w in recwarn if issubclass(w.category, SyntaxWarning | DeprecationWarning)]

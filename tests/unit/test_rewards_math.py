@@ -108,3 +108,24 @@ def test_fast_path_agrees_with_math_verify(completion, gold):
 def test_never_raises_on_odd_input(completion):
     result = math_grader.score(completion, "5")
     assert result["score"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold"),
+    [
+        (r"\boxed{28\%}", "28"),  # percentages parse (ANTLR 4.9 parser patch)
+        (r"\boxed{28\%}", r"28 \%"),
+        (r"\boxed{1, -2}", "1,-2"),  # a list gold is a set, not the number 1 or -2.1
+        (r"\boxed{-2,1}", "1,-2"),
+        (r"\boxed{3,5,7}", "3, 5, 7"),
+        (r"\boxed{18.9}", r"\$18.90"),  # "\$" is money, not a math delimiter
+        (r"\boxed{32348}", r"\$32,\!348"),
+    ],
+)
+def test_percent_list_and_money_golds(completion, gold):
+    assert math_grader.score(completion, gold)["acc"] == 1.0
+
+
+def test_list_gold_is_not_read_as_a_decimal():
+    assert math_grader.score(r"\boxed{-2.1}", "-2,1")["acc"] == 0.0
+    assert math_grader.score(r"\boxed{7}", "3, 5, 7")["acc"] == 0.0
