@@ -50,6 +50,8 @@ def learner_options(cfg: DictConfig, total_optimizer_steps: int) -> dict[str, An
 def rollout_options(cfg: DictConfig) -> dict[str, Any]:
     rc = cfg.rollout
     options: dict[str, Any] = {"dtype": cfg.model.dtype}
+    if rc.engine == "torch":
+        options["kv_fork"] = rc.sampler == "tree"  # keep KV rows at segment ends (TorchTreeGenerator)
     if rc.engine in ("vllm", "auto"):
         options.update(
             enforce_eager=rc.enforce_eager,

@@ -32,8 +32,10 @@ def build_generator(engine: str, model_path: str, seed: int, options: dict[str, 
         return VLLMGenerator(model_path, seed=seed, **options)
     if engine == "torch":
         from rltrain.rollout.torch_engine import TorchGenerator
+        from rltrain.rollout.torch_tree_engine import TorchTreeGenerator
 
-        return TorchGenerator.from_pretrained(model_path, dtype=options.get("dtype", "float32"), seed=seed)
+        cls = TorchTreeGenerator if options.get("kv_fork") else TorchGenerator
+        return cls.from_pretrained(model_path, dtype=options.get("dtype", "float32"), seed=seed)
     raise ValueError(f"unknown rollout engine {engine!r}; known: torch, vllm, auto")
 
 

@@ -308,6 +308,7 @@ def test_every_tree_config_key_is_a_sampler_setting_and_bad_values_fail_before_s
     from omegaconf import OmegaConf
 
     from rltrain.config import ConfigError, register_configs, validate
+    from rltrain.runtime import rollout_options
 
     register_configs()
 
@@ -319,6 +320,7 @@ def test_every_tree_config_key_is_a_sampler_setting_and_bad_values_fail_before_s
     validate(cfg)
     assert cfg.rollout.sampler == "tree" and cfg.algorithm.advantage == "tree"
     TreeSampler(lambda r, p: [], **OmegaConf.to_container(cfg.rollout.tree))  # no unknown keyword
+    assert rollout_options(cfg)["kv_fork"] and not rollout_options(compose_tree("rollout=flat"))["kv_fork"]
     for override, key in [
         ("rollout.tree.fallback_policy=best", "fallback_policy"),
         ("rollout.tree.segment_len=0", "segment_len"),
