@@ -82,11 +82,16 @@ class TorchGenerator:
         logits = out.logits[:, -1].repeat_interleave(repeats, dim=0)
         mask = mask.repeat_interleave(repeats, dim=0)
         next_pos = positions[:, -1].repeat_interleave(repeats, dim=0) + 1
-        tokens, logprobs, reasons = self._decode(cache, logits, mask, next_pos, params, generator)
+        tokens, logprobs, reasons, *_ = self._decode(cache, logits, mask, next_pos, params, generator)
         return self._package(requests, contexts, tokens, logprobs, reasons)
 
     def _decode(self, cache, logits, mask, next_pos, params, generator):
-        """Sample until every row stops. Returns per-row token lists, logprob lists, finish reasons."""
+        """Sample until every row stops.
+
+        Returns per-row token lists, logprob lists and finish reasons, then the final cache, the original
+        row number of each of its rows and its mask (as wide as the cache), which the KV-fork tree engine
+        keeps for the next segment.
+        """
         total = logits.shape[0]
         tokens: list[list[int]] = [[] for _ in range(total)]
         logprobs: list[list[float]] = [[] for _ in range(total)]
@@ -121,7 +126,7 @@ class TorchGenerator:
                 use_cache=True,
             )
             cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
-        return tokens, logprobs, reasons
+        return tokens, logprobs, reasons, cache, live, mask
 
     def _hits_stop_string(self, token_ids: list[int], stop_strings: tuple[str, ...]) -> bool:
         if not stop_strings:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from rltrain.rollout.sampling_ops import left_pad, sample_next_tokens
+from rltrain.rollout.sampling_ops import left_pad
 from rltrain.rollout.torch_engine import TorchGenerator
 from rltrain.types import FinishReason, GenRequest, GenResult, SamplingParams, TokenStats
 
@@ -164,7 +164,7 @@ class TorchTreeGenerator(TorchGenerator):
         index = order.repeat_interleave(repeats)
         layers, mask = select_rows(layers, mask, index)
         index = index.to(self.device)
-        tokens, logprobs, reasons, cache, live, mask = self._decode_keep(
+        tokens, logprobs, reasons, cache, live, mask = self._decode(
             DynamicCache(ddp_cache_data=layers),
             torch.cat(logits)[index],
             mask,
@@ -203,45 +203,6 @@ class TorchTreeGenerator(TorchGenerator):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         return cache_layers(out.past_key_values), mask, out.logits[:, -1], positions[:, -1] + 1
-
-    def _decode_keep(self, cache, logits, mask, next_pos, params, generator):
-        """Sample until every row stops, like ``TorchGenerator._decode``, and also return the final cache, the
-        original row number of each of its rows, and its mask (both as wide as the cache)."""
-        total = logits.shape[0]
-        tokens: list[list[int]] = [[] for _ in range(total)]
-        logprobs: list[list[float]] = [[] for _ in range(total)]
-        reasons = [FinishReason.LENGTH] * total
-        live = torch.arange(total)
-        stop_ids = set(params.stop_token_ids)
-        for step in range(params.max_tokens):
-            new_tokens, new_logprobs = sample_next_tokens(
-                logits, params.temperature, params.top_k, params.top_p, generator
-            )
-            keep = []
-            for i, row in enumerate(live.tolist()):
-                token = int(new_tokens[i])
-                tokens[row].append(token)
-                logprobs[row].append(float(new_logprobs[i]))
-                if token in stop_ids or self._hits_stop_string(tokens[row], params.stop_strings):
-                    reasons[row] = FinishReason.STOP
-                else:
-                    keep.append(i)
-            if not keep or step == params.max_tokens - 1:
-                break
-            if len(keep) < len(live):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                live, mask, next_pos, new_tokens = live[keep], mask[index], next_pos[index], new_tokens[index]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = self.model(
-                input_ids=new_tokens[:, None].to(self.device),
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
-        return tokens, logprobs, reasons, cache, live, mask
 
     def _keep(self, cache, live: Tensor, mask: Tensor, row_context, tokens, reasons) -> None:
         """Keep the rows that stopped on max_tokens, keyed by the tokens their KV covers."""
