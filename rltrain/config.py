@@ -105,6 +105,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
+    vllm_block_size: int | None = None  # KV/prefix-cache block in tokens; None: vLLM's default (CPU 128)
     logprob_diff_warn: float = 0.05  # rollout/logprob_diff above this: loud warning
     logprob_diff_error: float = 1.0  # above this: error naming the likely cause
 
@@ -314,6 +315,8 @@ def validate(cfg: DictConfig) -> None:
     _validate_algorithm(cfg)
     if cfg.rollout.sampler == "tree":
         _validate_tree(cfg.rollout.tree)
+    if cfg.rollout.vllm_block_size is not None and cfg.rollout.vllm_block_size < 1:
+        raise ConfigError(f"rollout.vllm_block_size must be >= 1 (or null), got {cfg.rollout.vllm_block_size}")
     if not cfg.reward.functions:
         raise ConfigError("reward.functions is empty: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
 

@@ -58,6 +58,8 @@ def rollout_options(cfg: DictConfig) -> dict[str, Any]:
             tensor_parallel_size=rc.tensor_parallel_size,
             gpu_memory_utilization=rc.gpu_memory_utilization,
         )
+        if rc.vllm_block_size is not None:
+            options["block_size"] = rc.vllm_block_size
     return options
 
 

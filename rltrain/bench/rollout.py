@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--prompt-len", type=int, default=0, help="0: the bare questions; N: N-token prompts (solved examples first)"
     )
+    parser.add_argument(
+        "--block-size", type=int, default=None, help="vLLM KV/prefix-cache block in tokens (default: vLLM's, CPU 128)"
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument(
         "--stop-tokens", type=int, default=1, help="stop token ids: EOS + this many - 1 others (0: none)"
@@ -134,11 +137,11 @@ def stop_token_ids(tokenizer, count: int, seed: int) -> tuple[int, ...]:
     return (tokenizer.eos_token_id, *random.Random(seed).sample(ordinary, count - 1))
 
 
-def build_engine(engine: str, model_dir: str, seed: int, device: str):
+def build_engine(engine: str, model_dir: str, seed: int, device: str, block_size: int | None = None):
     if engine == "vllm":
         from rltrain.rollout.vllm_engine import VLLMGenerator
 
-        return VLLMGenerator(model_dir, seed=seed)
+        return VLLMGenerator(model_dir, seed=seed, block_size=block_size)
     from rltrain.rollout.torch_tree_engine import TorchTreeGenerator
 
     return TorchTreeGenerator.from_pretrained(model_dir, seed=seed, device=device)
@@ -182,7 +185,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from rltrain.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    engine = build_engine(args.engine, model_dir, args.seed, args.device)
+    engine = build_engine(args.engine, model_dir, args.seed, args.device, args.block_size)
     weights = model_weights(model_dir)
     prompts = build_prompts(tokenizer, args.prompts, args.seed, args.prompt_len)
     params = SamplingParams(

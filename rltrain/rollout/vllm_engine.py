@@ -63,7 +63,10 @@ class VLLMGenerator:
     is not added implicitly, as in the torch engine); a stop token is included in ``token_ids``, and for
     a stop string the tokens up to the one that completed it are returned.
 
-    ``kv_cache_gb`` sizes the KV cache on CPU; on GPU ``gpu_memory_utilization`` does.
+    ``kv_cache_gb`` sizes the KV cache on CPU; on GPU ``gpu_memory_utilization`` does. ``block_size``
+    is the KV block (and prefix-cache reuse) granularity in tokens; None keeps vLLM's platform default
+    (128 on CPU, 16 on most GPUs). Tree sampling reuses prefixes only in whole blocks, so a segment
+    length ``l`` below the default needs ``block_size`` = ``l`` (CPU attention takes multiples of 32).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class VLLMGenerator:
         gpu_memory_utilization: float = 0.5,
         max_model_len: int | None = None,
         kv_cache_gb: float = 1.0,
+        block_size: int | None = None,
     ) -> None:
         if kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
@@ -88,6 +92,10 @@ class VLLMGenerator:
         from vllm.platforms import current_platform
 
         engine_kwargs: dict[str, Any] = {}
+        if block_size is not None:
+            if block_size < 1:
+                raise ValueError(f"block_size must be >= 1, got {block_size}")
+            engine_kwargs["block_size"] = block_size
         if current_platform.is_cpu():
             engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * _GIB)
         else:

@@ -67,6 +67,7 @@ def test_wrong_type_is_rejected_at_composition():
         ("algorithm.kl_coef=0.1", "use_reference"),
         ("algorithm=grpo_thr learner=deepspeed", "learner.backend=torch"),
         ("reward.functions=[]", "reward.functions"),
+        ("rollout.vllm_block_size=0", "rollout.vllm_block_size"),
         ("model.tiny.num_heads=3", "num_heads"),
     ],
 )
