@@ -61,7 +61,7 @@ class Outcome:
     kind: str
     values: dict[str, float] = field(default_factory=dict)
     message: str = ""
-    elapsed_s: float = 0.0  # wall time of the call as seen from the parent (start to result or kill)
+    elapsed_s: float = 0.0  # wall time of the call as seen from the parent (start to result or to the kill decision)
 
 
 @dataclass
@@ -186,10 +186,12 @@ class GraderPool:
     def _replace(self, index: int, outcomes: list[Outcome | None], pending: deque[int], kind: str, why: str) -> int:
         """Kill worker ``index``, charge its running call with ``kind``, requeue the rest, start a new one."""
         worker = self._workers[index]
+        # The call's outcome is decided now; reaping the killed process (up to seconds for a large one
+        # on a loaded machine) delays the pool, not this call's verdict.
+        elapsed = time.monotonic() - worker.current_since
         _kill_group(worker)
         finished = 0
         if worker.in_flight:
-            elapsed = time.monotonic() - worker.current_since
             outcomes[worker.in_flight.popleft()] = Outcome(kind, message=why, elapsed_s=elapsed)
             finished = 1
             pending.extendleft(reversed(worker.in_flight))
