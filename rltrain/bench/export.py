@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
 import threading
 import time
+
+from rltrain.bench.report import emit, machine_info
 
 MIB = 2**20
 
@@ -178,13 +179,12 @@ def main(argv: list[str]) -> int:
                 group.shutdown()
         finally:
             ray.shutdown()
-    print(
-        f"model: {model_bytes / MIB:.1f} MiB fp32 ({model_bytes // 4 / 1e6:.1f}M parameters), ZeRO-3, "
-        f"{args.world_size} ranks, median of {args.repeats} exports"
+    text = "\n".join(
+        [
+            f"model: {model_bytes / MIB:.1f} MiB fp32 ({model_bytes // 4 / 1e6:.1f}M parameters), ZeRO-3, "
+            f"{args.world_size} ranks, median of {args.repeats} exports",
+            f"rank RssAnon before export: {', '.join(f'{b:.0f} MiB' for b in rows[0]['baseline_mib'])}",
+            markdown_table(rows, model_bytes),
+        ]
     )
-    print(f"rank RssAnon before export: {', '.join(f'{b:.0f} MiB' for b in rows[0]['baseline_mib'])}")
-    print(markdown_table(rows, model_bytes))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"model_bytes": model_bytes, "rows": rows}, handle, indent=1)
-    return 0
+    return emit(text, {"model_bytes": model_bytes, "rows": rows, "machine": machine_info()}, args.json)

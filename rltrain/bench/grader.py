@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rltrain.bench.report import emit, machine_info
 from rltrain.grading import RewardGrader
 
 _DATA_CANDIDATES = (
@@ -131,7 +130,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "median_grades_per_s": statistics.median(run["grades_per_s"] for run in runs),
         "runs": runs,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_info(),
     }
 
 
@@ -153,11 +152,7 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    print(format_report(report))
-    if args.json_path:
-        with open(args.json_path, "w", encoding="utf-8") as file:
-            json.dump(report, file, indent=2)
-    return 0
+    return emit(format_report(report), report, args.json_path)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import glob
 import hashlib
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from rltrain.bench.report import emit, machine_info
 from rltrain.sampling.flat import FlatSampler, Trajectories
 from rltrain.sampling.tree_sampler import TreeSampler
 from rltrain.types import FinishReason, SamplingParams
@@ -226,7 +226,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "max_response_tokens": params.max_tokens,
             "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
         },
-        "machine": _machine(),
+        "machine": machine_info(),
         "runs": runs,
         "median": medians,
         "tree_over_flat": {
@@ -242,17 +242,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:
     numeric = [k for k, v in runs[0].items() if isinstance(v, int | float)]
     return {k: statistics.median(r[k] for r in runs) for k in numeric}
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_avg": os.getloadavg(),
-    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -280,11 +269,7 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run_benchmark(args)
-    print(format_report(report))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    return emit(format_report(report), report, args.json_path)
 
 
 if __name__ == "__main__":
