@@ -32,19 +32,18 @@ SMALL = [
 ]
 
 
+def _command(tmp_path, *overrides: str) -> list[str]:
+    """The rltrain CLI on the shrunk quickstart, with a model cache under ``tmp_path``."""
+    cache = f"model.cache_dir={tmp_path / 'cache'}"
+    return [sys.executable, "-m", "rltrain", "--config-name", "quickstart", *SMALL, cache, *overrides]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
 def _rltrain(tmp_path, *overrides: str, timeout: float = 420, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "rltrain",
-        "--config-name",
-        "quickstart",
-        *SMALL,
-        f"model.cache_dir={tmp_path / 'cache'}",
-        *overrides,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(_command(tmp_path, *overrides), capture_output=True, text=True, timeout=timeout, env=_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"rltrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -94,18 +93,13 @@ def test_bad_config_fails_fast_before_ray(tmp_path):
 def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint_as_if_never_stopped(tmp_path):
     run_dir = tmp_path / "run"
     args = [f"run.dir={run_dir}", "trainer.steps=6", "trainer.save_every=1", "trainer.eval_every=0"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "rltrain",
-        "--config-name",
-        "quickstart",
-        *SMALL,
-        f"model.cache_dir={tmp_path / 'cache'}",
-        *args,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _command(tmp_path, *args),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     ckpts = run_dir / "checkpoints"
     while time.time() < deadline and not (ckpts / "step_2").is_dir():

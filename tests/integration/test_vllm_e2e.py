@@ -3,17 +3,13 @@ worker replacement, and the quickstart recipe through the CLI with ``rollout.eng
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
 from hydra import compose, initialize_config_module  # noqa: E402
+from test_quickstart_e2e import SMALL, _metrics, _rltrain  # noqa: E402
 
 from rltrain.config import register_configs  # noqa: E402
 from rltrain.types import build_rollout_batch  # noqa: E402
@@ -22,27 +18,10 @@ pytestmark = pytest.mark.integration
 register_configs()
 
 LOGPROB_TOL = 1e-3
-LENGTH_REWARD = os.path.join(os.path.dirname(__file__), "data", "length_reward.py")
-# The quickstart shrunk (tests/integration/test_quickstart_e2e.py SMALL), with head_dim 64 / 2 = 32: vLLM's CPU
-# attention has no kernel for the 16 that 64 / 4 heads would give.
-SMALL_VLLM = [
-    "rollout.engine=vllm",
-    "rollout.num_workers=2",
-    "model.tiny.hidden_size=64",
-    "model.tiny.intermediate_size=128",
-    "model.tiny.num_layers=2",
-    "model.tiny.num_heads=2",
-    "model.tiny.num_kv_heads=1",
-    "data.num_train=256",
-    "data.num_eval=16",
-    "sft.steps=5",
-    "sft.batch_size=16",
-    "trainer.prompts_per_step=4",
-    "rollout.n=4",
-    "tracking=minimal",
-    "reward.num_workers=1",
-    f"reward.functions=[{{fn: '{LENGTH_REWARD}:score', weight: 1.0}}]",
-]
+# The shrunk quickstart with head_dim 64 / 2 = 32: vLLM's CPU attention has no kernel for the 16 that
+# 64 / 4 heads would give.
+VLLM = ["rollout.engine=vllm", "rollout.num_workers=2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1"]
+SMALL_VLLM = [*SMALL, *VLLM]
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +142,9 @@ def test_a_worker_killed_mid_step_is_replaced_and_the_run_continues(trainer):
 
 def test_quickstart_with_vllm_trains_end_to_end_through_the_cli(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "rltrain", "--config-name", "quickstart", *SMALL_VLLM]
-    cmd += [f"model.cache_dir={tmp_path / 'cache'}", f"run.dir={run_dir}", "trainer.steps=2", "trainer.eval_every=0"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = _rltrain(tmp_path, *VLLM, f"run.dir={run_dir}", "trainer.steps=2", "trainer.eval_every=0")
     assert "held-out pass@1 (greedy) before RL" in proc.stdout and "after RL" in proc.stdout
-    with open(run_dir / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = _metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2]
     for record in records[1:]:
         assert record["rollout/logprob_diff"] <= LOGPROB_TOL
