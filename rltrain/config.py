@@ -108,6 +108,12 @@ class RolloutConfig:
     vllm_block_size: int | None = None  # KV/prefix-cache block in tokens; None: vLLM's default (CPU 128)
     logprob_diff_warn: float = 0.05  # rollout/logprob_diff above this: loud warning
     logprob_diff_error: float = 1.0  # above this: error naming the likely cause
+    # How weights reach the rollout workers: object_store (Ray object store + load_weights) | collective
+    # (a torch.distributed broadcast in buckets: NCCL between GPUs, gloo on CPU) | auto (collective when the
+    # cluster has GPUs and placement is disaggregated, else object_store).
+    weight_sync: str = "auto"
+    weight_sync_bucket_mb: int = 256
+    weight_sync_timeout_s: float = 600.0
 
 
 @dataclass
@@ -217,6 +223,11 @@ class ClusterConfig:
     num_cpus: int | None = None
     num_gpus: int = 0
     omp_threads: int = 1
+    # disaggregated: rollout workers and learner ranks on separate CPUs/GPUs | colocated: rollout worker i
+    # shares learner rank i's bundle (GPU: vLLM sleeps while the learner trains). Both reserve a Ray
+    # placement group up front and fail with the missing resources named if the cluster cannot hold it.
+    placement: str = "disaggregated"
+    placement_timeout_s: float = 120.0
 
 
 @dataclass
@@ -266,6 +277,8 @@ _CHOICES = {
     "data.template": ("plain", "chat"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "cluster.mode": ("local", "address"),
+    "cluster.placement": ("disaggregated", "colocated"),
+    "rollout.weight_sync": ("auto", "object_store", "collective"),
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),
     "algorithm.policy_loss": ("ppo_clip", "gspo"),
     "algorithm.filter_metric": ("score", "acc"),
@@ -291,6 +304,9 @@ _POSITIVE = (
     "rollout.tree.branching",
     "rollout.tree.critical_top_k",
     "rollout.tree.repetition_count",
+    "rollout.weight_sync_bucket_mb",
+    "rollout.weight_sync_timeout_s",
+    "cluster.placement_timeout_s",
 )
 
 
@@ -317,8 +333,29 @@ def validate(cfg: DictConfig) -> None:
         _validate_tree(cfg.rollout.tree)
     if cfg.rollout.vllm_block_size is not None and cfg.rollout.vllm_block_size < 1:
         raise ConfigError(f"rollout.vllm_block_size must be >= 1 (or null), got {cfg.rollout.vllm_block_size}")
+    _validate_placement(cfg)
     if not cfg.reward.functions:
         raise ConfigError("reward.functions is empty: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
+
+
+def _validate_placement(cfg: DictConfig) -> None:
+    if cfg.cluster.placement != "colocated":
+        return
+    if cfg.rollout.num_workers != cfg.learner.world_size:
+        raise ConfigError(
+            f"cluster.placement=colocated pairs rollout worker i with learner rank i: rollout.num_workers="
+            f"{cfg.rollout.num_workers} must equal learner.world_size={cfg.learner.world_size}"
+        )
+    if cfg.rollout.tensor_parallel_size != 1:
+        raise ConfigError(
+            f"cluster.placement=colocated shares one device per learner rank: rollout.tensor_parallel_size must be 1, "
+            f"got {cfg.rollout.tensor_parallel_size}"
+        )
+    if cfg.rollout.weight_sync == "collective":
+        raise ConfigError(
+            "rollout.weight_sync=collective needs learner and rollout on different devices (NCCL cannot connect two "
+            "processes on one GPU); with cluster.placement=colocated use weight_sync=auto or object_store"
+        )
 
 
 def _validate_tree(tree: DictConfig) -> None:
