@@ -339,6 +339,12 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_placement(cfg: DictConfig) -> None:
+    if cfg.rollout.weight_sync == "collective" and cfg.rollout.tensor_parallel_size != 1:
+        raise ConfigError(
+            "rollout.weight_sync=collective loads weights in the rollout actor's process, but a tensor-parallel "
+            f"engine (rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size}) holds them in its own workers; "
+            "use rollout.weight_sync=object_store"
+        )
     if cfg.cluster.placement != "colocated":
         return
     if cfg.rollout.num_workers != cfg.learner.world_size:

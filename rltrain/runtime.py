@@ -1,11 +1,14 @@
 """The actors of one run behind explicit methods: what the trainer loop calls.
 
-Rollout workers, the reward worker and the learner are Ray actors; weights travel learner →
-rollout workers through the Ray object store as one object ref (no copy through the driver).
+Rollout workers, the reward worker and the learner are Ray actors. Weights travel learner → rollout
+workers either through the Ray object store as one object ref (no copy through the driver), or as a
+bucketed broadcast in a torch.distributed group of the learner's rank 0 and the rollout workers
+(``rollout.weight_sync``, rltrain/dist/weight_sync.py).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -14,6 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 from rltrain.dist.groups import RolloutGroup, TorchLearnerGroup, create_reward_worker, start_ray, stop_ray
 from rltrain.learner.base import LossFn
 from rltrain.types import GenRequest, GenResult, RolloutBatch, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def resolve_weight_sync(mode: str, cluster_gpus: float, placement: str, tensor_parallel_size: int) -> str:
+    """``rollout.weight_sync`` -> object_store | collective. ``auto`` broadcasts where it pays: between GPUs of
+    a disaggregated placement with one GPU per engine; on CPU the object store is as fast and needs no group."""
+    if mode != "auto":
+        return mode
+    use_collective = cluster_gpus > 0 and placement == "disaggregated" and tensor_parallel_size == 1
+    return "collective" if use_collective else "object_store"
 
 
 def grader_options(reward_cfg: DictConfig) -> dict[str, Any]:
@@ -103,6 +117,12 @@ class Runtime:
         )
         self.reward = create_reward_worker(cpus=1, threads=1, grader_options=grader_options(cfg.reward))
         self.learner = create_learner_group(cfg, model_path, learner_options(cfg, total_optimizer_steps))
+        self.sync_cfg = cfg.rollout
+        self.weight_sync = resolve_weight_sync(
+            cfg.rollout.weight_sync, self.cluster_gpus(), cfg.cluster.placement, cfg.rollout.tensor_parallel_size
+        )
+        self.sync_fallbacks = 0
+        self._sync_group_replacements: int | None = None  # rollout.replacements when the group was opened
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
         return self.rollout.generate(requests, params)
@@ -122,14 +142,82 @@ class Runtime:
         """Per-token extras computed on the learner from the current policy's hidden states (THR)."""
         return self.learner.forward_extras(batch, extras_fn)
 
-    def sync_weights(self, version: int) -> float:
-        """Learner → rollout workers; returns seconds taken. Every worker must report ``version``."""
+    @staticmethod
+    def cluster_gpus() -> float:
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0)
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """Learner → rollout workers as policy ``version``; every worker must report it back. Returns metrics.
+
+        A collective sync that fails (a worker died mid-broadcast, a timeout) is counted in
+        ``rollout/weight_sync_fallbacks``, logged, and redone through the object store, which also replaces
+        dead workers; the sync group is rebuilt before the next sync.
+        """
         start = time.time()
-        weights_ref = self.learner.export_weights_ref()
-        versions = self.rollout.load_weights(weights_ref, version)
+        metrics: dict[str, float] = {}
+        if self.weight_sync == "collective":
+            try:
+                versions, sent = self._broadcast_weights(version)
+                metrics["perf/weight_sync_mb"] = sent.get("bytes", 0) / 2**20
+            except Exception as exc:  # noqa: BLE001 - any failure of the group falls back; the cause is logged
+                self.sync_fallbacks += 1
+                log.warning("collective weight sync of version %d failed (%s); using the object store", version, exc)
+                self._close_sync_group()
+                versions = self.rollout.load_weights(self.learner.export_weights_ref(), version)
+            metrics["rollout/weight_sync_fallbacks"] = self.sync_fallbacks
+        else:
+            versions = self.rollout.load_weights(self.learner.export_weights_ref(), version)
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync: rollout workers report versions {versions}, expected {version}")
-        return time.time() - start
+        metrics["perf/weight_sync_s"] = time.time() - start
+        return metrics
+
+    def _broadcast_weights(self, version: int) -> tuple[list[int], dict[str, int]]:
+        """One collective sync (opening the group first if needed); returns worker versions and the sender's stats."""
+        import ray
+
+        if self._sync_group_replacements != self.rollout.replacements:
+            self._open_sync_group()
+        sender = self.learner.broadcast_weights_refs(self.sync_cfg.weight_sync_bucket_mb)
+        receivers = self.rollout.receive_weights_refs(version)
+        results = ray.get(sender + receivers)
+        # A worker replaced later (mid-generate) fetches these weights from the learner on demand.
+        self.rollout.remember_weights(self.learner.export_weights_ref, version)
+        return results[len(sender) :], results[0]
+
+    def _open_sync_group(self) -> None:
+        """(Re)build the group: the learner's sender is rank 0, rollout worker i is rank 1 + i."""
+        import ray
+
+        self._close_sync_group()
+        sender = self.learner.sync_sender()
+        address = ray.get(sender.weight_sync_address.remote())
+        backend = "nccl" if self.cluster_gpus() > 0 and self.learner_on_gpu() else "gloo"
+        timeout = self.sync_cfg.weight_sync_timeout_s
+        world_size = 1 + len(self.rollout.workers)
+        ray.get(
+            [sender.open_weight_sync.remote(address, world_size, backend, timeout)]
+            + self.rollout.open_weight_sync_refs(address, backend, timeout)
+        )
+        self._sync_group_replacements = self.rollout.replacements
+        log.info("weight-sync group open: %d ranks over %s at %s:%d", world_size, backend, *address)
+
+    def learner_on_gpu(self) -> bool:
+        return bool(getattr(self.learner, "use_gpu", False))
+
+    def _close_sync_group(self) -> None:
+        import ray
+
+        if self._sync_group_replacements is None:
+            return
+        self._sync_group_replacements = None
+        self.rollout.close_weight_sync()
+        try:
+            ray.get(self.learner.sync_sender().close_weight_sync.remote(), timeout=30)
+        except ray.exceptions.RayError as exc:
+            log.info("closing the learner's end of the weight-sync group: %s", exc)
 
     def save(self, directory: str) -> None:
         self.learner.save(directory)

@@ -201,7 +201,7 @@ class Trainer:
         t0 = time.time()
         metrics.update(self.train(batch))
         metrics["perf/train_s"] = time.time() - t0
-        metrics["perf/weight_sync_s"] = self.runtime.sync_weights(step)
+        metrics.update(self.runtime.sync_weights(step))
         metrics["perf/step_time_s"] = time.time() - start
         return metrics
 

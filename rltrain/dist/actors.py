@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from rltrain.dist.weight_sync import WeightReceiver, WeightSender
 from rltrain.types import GenRequest, GenResult, SamplingParams
 
 
@@ -39,8 +40,8 @@ def build_generator(engine: str, model_path: str, seed: int, options: dict[str, 
     raise ValueError(f"unknown rollout engine {engine!r}; known: torch, vllm, auto")
 
 
-class RolloutWorker:
-    """Holds one Generator."""
+class RolloutWorker(WeightReceiver):
+    """Holds one Generator; receives weights from the object store (``load_weights``) or the sync group."""
 
     def __init__(self, engine: str, model_path: str, seed: int, threads: int, options: dict[str, Any]):
         _limit_threads(threads)
@@ -79,7 +80,7 @@ class RewardWorker:
         return True
 
 
-class LearnerWorker:
+class LearnerWorker(WeightSender):
     """Holds one Learner backend (torch here; DeepSpeed ranks live in their own group)."""
 
     def __init__(self, threads: int, model_path: str, options: dict[str, Any]):

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import socket
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from rltrain.dist.weight_sync import WeightSender, free_address
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.types import RolloutBatch
 
@@ -62,14 +62,8 @@ def filler_row(batch: RolloutBatch, tokens: Sequence[int]) -> RolloutBatch:
     return row.replace(response_mask=torch.zeros_like(row.response_mask))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-class DeepSpeedRankWorker:
-    """One learner rank (a plain class: ``ray.remote`` is applied by the group)."""
+class DeepSpeedRankWorker(WeightSender):
+    """One learner rank (a plain class: ``ray.remote`` is applied by the group); rank 0 sends collective syncs."""
 
     def __init__(self, threads: int):
         # One actor per core on small machines: oversubscribed BLAS threads make a 2-core box 30x slower.
@@ -83,9 +77,7 @@ class DeepSpeedRankWorker:
 
     def rendezvous_address(self) -> tuple[str, int]:
         """(this node's IP, a free port): rank 0's address for the torch.distributed rendezvous."""
-        import ray
-
-        return ray.util.get_node_ip_address(), _free_port()
+        return free_address()
 
     def setup(
         self, model_path: str, rank: int, world_size: int, master: tuple[str, int], backend: str, options: dict
@@ -157,6 +149,7 @@ class DeepSpeedLearnerGroup:
         self.micro_batch_size = int(rank_options["micro_batch_size"])
         self.use_reference = bool(rank_options.get("use_reference", False))
         use_gpu = ray.cluster_resources().get("GPU", 0) >= self.world_size
+        self.use_gpu = use_gpu
         remote = ray.remote(
             num_cpus=1,
             num_gpus=1 if use_gpu else 0,
@@ -231,6 +224,14 @@ class DeepSpeedLearnerGroup:
                 metrics[key] = metrics.get(key, 0.0) + value
         metrics.update(results[0][1])
         return metrics
+
+    def sync_sender(self):
+        """The actor that sends collective weight syncs (rank 0, which assembles the exported tensors)."""
+        return self.workers[0]
+
+    def broadcast_weights_refs(self, bucket_mb: int) -> list:
+        """Start a collective sync: every rank exports (gathers are collective), rank 0 broadcasts."""
+        return [worker.broadcast_weights.remote(bucket_mb) for worker in self.workers]
 
     def export_weights_ref(self):
         """An object ref to {hf_name: cpu tensor}: rollout workers fetch it from the object store directly.

@@ -94,6 +94,8 @@ class RolloutGroup:
         self._args = worker_args
         self.workers = [self._spawn(slot) for slot in range(num_workers)]
         ray.get([w.ready.remote() for w in self.workers])
+        # The last synced weights, for a replacement worker: an object ref, or a function returning one (collective
+        # syncs leave no ref behind; the learner exports again on demand).
         self._weights: tuple[Any, int] | None = None
         self.replacements = 0
 
@@ -136,7 +138,8 @@ class RolloutGroup:
         self.replacements += 1
         if self._weights is None:
             return ray.get(self.workers[slot].policy_version.remote())
-        weights_ref, version = self._weights
+        source, version = self._weights
+        weights_ref = source() if callable(source) else source
         return ray.get(self.workers[slot].load_weights.remote(weights_ref, version))
 
     def load_weights(self, weights_ref: Any, version: int) -> list[int]:
@@ -146,7 +149,7 @@ class RolloutGroup:
         """
         import ray
 
-        self._weights = (weights_ref, version)
+        self.remember_weights(weights_ref, version)
         pending = [w.load_weights.remote(weights_ref, version) for w in self.workers]
         versions = []
         for slot, ref in enumerate(pending):
@@ -156,6 +159,31 @@ class RolloutGroup:
                 log.warning("rollout worker %d died during weight sync; replacing it", slot)
                 versions.append(self._replace(slot))
         return versions
+
+    def open_weight_sync_refs(self, address: tuple[str, int], backend: str, timeout_s: float) -> list:
+        """Start joining the sync group as ranks 1..N (the learner's sender is rank 0, joining concurrently)."""
+        world_size = 1 + len(self.workers)
+        return [
+            worker.open_weight_sync.remote(address, 1 + slot, world_size, backend, timeout_s)
+            for slot, worker in enumerate(self.workers)
+        ]
+
+    def receive_weights_refs(self, version: int) -> list:
+        """Start receiving a collective sync; each ref resolves to that worker's policy version."""
+        return [worker.receive_weights.remote(version) for worker in self.workers]
+
+    def remember_weights(self, source: Any, version: int) -> None:
+        """What a replacement worker loads: ``source`` is an object ref or a function returning one."""
+        self._weights = (source, version)
+
+    def close_weight_sync(self) -> None:
+        """Leave the sync group on every live worker (best effort: the group is being rebuilt or the run ends)."""
+        import ray
+
+        try:
+            ray.get([worker.close_weight_sync.remote() for worker in self.workers], timeout=30)
+        except ray.exceptions.RayError as exc:
+            log.info("closing the weight-sync group: %s", exc)
 
     def shutdown(self) -> None:
         import ray
@@ -202,6 +230,13 @@ class TorchLearnerGroup:
     def export_weights_ref(self):
         """An object ref to {name: tensor}: rollout workers fetch it from the object store directly."""
         return self.actor.export_weights.remote()
+
+    def sync_sender(self):
+        """The actor that sends collective weight syncs."""
+        return self.actor
+
+    def broadcast_weights_refs(self, bucket_mb: int) -> list:
+        return [self.actor.broadcast_weights.remote(bucket_mb)]
 
     def save(self, directory: str) -> None:
         import ray

@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -184,9 +184,9 @@ class VLLMGenerator:
         unknown name raises ValueError and leaves ``policy_version`` unchanged; ``generate`` then refuses
         to run until a later ``load_weights`` succeeds, since the tensors before the bad one were copied.
         """
-        weights = list(named_tensors)
-        if not weights:
-            raise ValueError("load_weights: no tensors given")
+        # A stream (collective sync) is consumed lazily, one received bucket at a time; anything else is listed,
+        # since a tensor-parallel engine pickles it to its workers.
+        weights = _CountedTensors(named_tensors if isinstance(named_tensors, Iterator) else list(named_tensors))
         try:
             self._llm.apply_model(lambda model: model.load_weights(weights))
         except Exception as exc:
@@ -194,6 +194,8 @@ class VLLMGenerator:
             first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             self._partial_load_error = f"load_weights of version {version} failed part-way ({first_line})"
             raise
+        if weights.count == 0:
+            raise ValueError("load_weights: no tensors given")
         self._partial_load_error = None
         # KV blocks computed with the old weights must not be reused by requests sampled with the new ones.
         if not self._llm.reset_prefix_cache():
@@ -213,6 +215,19 @@ class VLLMGenerator:
         destroy_model_parallel()
         destroy_distributed_environment()
         gc.collect()
+
+
+class _CountedTensors:
+    """An iterable of (name, tensor) that counts what the engine consumed (an empty load is an error)."""
+
+    def __init__(self, named_tensors: Iterable[tuple[str, Tensor]]):
+        self._source = named_tensors
+        self.count = 0
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        for item in self._source:
+            self.count += 1
+            yield item
 
 
 def to_vllm_sampling_params(params: SamplingParams, seed: int | None):

@@ -98,7 +98,7 @@ def test_training_step_then_sync_vllm_matches_the_learner(trainer):
 
 def test_a_skipped_sync_is_an_error_naming_the_cause(trainer, monkeypatch):
     with monkeypatch.context() as patch:
-        patch.setattr(trainer.runtime, "sync_weights", lambda version: 0.0)
+        patch.setattr(trainer.runtime, "sync_weights", lambda version: {})
         trainer.step(2)  # trains; the rollout workers keep version 1
     assert worker_versions(trainer.runtime) == [1, 1]
     with pytest.raises(RuntimeError, match="weight sync skipped or failed"):

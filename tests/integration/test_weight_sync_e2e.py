@@ -1,0 +1,96 @@
+"""Collective weight sync (``rollout.weight_sync=collective``, gloo on CPU) into 2 real vLLM rollout actors:
+policy version and logprobs after a step, a worker lost before a sync (fallback + group rebuilt), a worker
+lost mid-generate (the replacement fetches the current weights), and the CLI run."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from hydra import compose, initialize_config_module  # noqa: E402
+from test_quickstart_e2e import _metrics, _rltrain  # noqa: E402
+from test_vllm_e2e import LOGPROB_TOL, SMALL_VLLM, VLLM, KillAfterDispatch, greedy_logprob_gap, worker_versions  # noqa: E402
+
+from rltrain.config import register_configs  # noqa: E402
+
+pytestmark = pytest.mark.integration
+register_configs()
+
+COLLECTIVE = ["rollout.weight_sync=collective", "rollout.weight_sync_timeout_s=30"]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """An in-process Trainer over 2 vLLM actors, syncing by broadcast; lr large so a stale engine is obvious."""
+    from rltrain.prepare import prepare
+    from rltrain.runtime import Runtime
+    from rltrain.trainer import Trainer
+
+    tmp_path = tmp_path_factory.mktemp("weight_sync")
+    overrides = [
+        *SMALL_VLLM,
+        *COLLECTIVE,
+        "learner.lr=0.05",
+        "rollout.logprob_diff_error=0.2",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    with initialize_config_module(config_module="recipes", version_base="1.3"):
+        cfg = compose(config_name="quickstart", overrides=overrides)
+    prep = prepare(cfg)
+    runtime = Runtime(cfg, prep.model_path, total_optimizer_steps=10)
+    try:
+        yield Trainer(cfg, prep, runtime)
+    finally:
+        runtime.shutdown()
+
+
+def test_a_step_syncs_by_broadcast_and_the_engines_match_the_learner(trainer):
+    assert trainer.runtime.weight_sync == "collective"
+    metrics = trainer.step(1)
+    assert worker_versions(trainer.runtime) == [1, 1]
+    assert metrics["rollout/weight_sync_fallbacks"] == 0
+    assert metrics["perf/weight_sync_mb"] > 0
+    assert greedy_logprob_gap(trainer) <= LOGPROB_TOL
+    metrics = trainer.step(2)  # the group is reused: still no fallback, engines still in step
+    assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
+    assert metrics["rollout/weight_sync_fallbacks"] == 0
+    assert worker_versions(trainer.runtime) == [2, 2]
+
+
+def test_a_worker_lost_before_the_sync_falls_back_then_the_group_is_rebuilt(trainer):
+    import ray
+
+    rollout = trainer.runtime.rollout
+    replaced_before = rollout.replacements
+    trainer.runtime.sync_weights(2)  # the group is open and in use
+    ray.kill(rollout.workers[0], no_restart=True)
+    metrics = trainer.runtime.sync_weights(3)
+    assert metrics["rollout/weight_sync_fallbacks"] == 1
+    assert rollout.replacements == replaced_before + 1
+    assert worker_versions(trainer.runtime) == [3, 3]
+    assert greedy_logprob_gap(trainer) <= LOGPROB_TOL
+    metrics = trainer.step(4)  # rebuilt group (new member): broadcast again, no second fallback
+    assert metrics["rollout/weight_sync_fallbacks"] == 1
+    assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
+    assert worker_versions(trainer.runtime) == [4, 4]
+
+
+def test_a_worker_killed_mid_generate_gets_the_current_weights(trainer):
+    rollout = trainer.runtime.rollout
+    doomed = KillAfterDispatch(rollout.workers[1])
+    rollout.workers[1] = doomed
+    metrics = trainer.step(5)  # generates with version 4; the replacement exports version 4 from the learner
+    assert doomed.dispatched == 1
+    assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
+    assert worker_versions(trainer.runtime) == [5, 5]
+    assert metrics["rollout/weight_sync_fallbacks"] == 1  # the group was rebuilt before the sync, not failed
+
+
+def test_cli_run_with_collective_sync(tmp_path):
+    run_dir = tmp_path / "run"
+    _rltrain(tmp_path, *VLLM, *COLLECTIVE, "trainer.steps=2", f"run.dir={run_dir}")
+    rows = [row for row in _metrics(run_dir) if "perf/weight_sync_mb" in row]
+    assert rows and all(row["rollout/weight_sync_fallbacks"] == 0 for row in rows)
+    assert all(row["rollout/logprob_diff"] <= LOGPROB_TOL for row in rows)
