@@ -14,7 +14,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rltrain.dist.groups import RolloutGroup, TorchLearnerGroup, create_reward_worker, start_ray, stop_ray
+from rltrain.dist.groups import (
+    RolloutGroup,
+    TorchLearnerGroup,
+    create_reward_worker,
+    rollout_gpus,
+    start_ray,
+    stop_ray,
+)
+from rltrain.dist.placement import PlacementPlan, actor_options, plan_placement, release, reserve
 from rltrain.learner.base import LossFn
 from rltrain.types import GenRequest, GenResult, RolloutBatch, SamplingParams
 
@@ -77,13 +85,28 @@ def rollout_options(cfg: DictConfig) -> dict[str, Any]:
     return options
 
 
-def create_learner_group(cfg: DictConfig, model_path: str, options: dict[str, Any]):
-    """The learner backend named by ``learner.backend`` behind the same group methods."""
+def plan_run_placement(cfg: DictConfig, cluster_gpus: float) -> PlacementPlan:
+    """The run's bundles: GPUs go to vLLM engines (tensor-parallel size each) and to DeepSpeed ranks when the
+    cluster has one per rank, as the groups decided before placement groups."""
+    ranks = cfg.learner.world_size
+    learner_gpus = 1 if cfg.learner.backend == "deepspeed" and cluster_gpus >= ranks else 0
+    return plan_placement(
+        cfg.cluster.placement,
+        num_rollout=cfg.rollout.num_workers,
+        rollout_gpus=rollout_gpus(cfg.rollout.engine, rollout_options(cfg), cluster_gpus),
+        learner_ranks=ranks,
+        learner_gpus=learner_gpus,
+    )
+
+
+def create_learner_group(cfg: DictConfig, model_path: str, options: dict[str, Any], placements: list[dict]):
+    """The learner backend named by ``learner.backend`` behind the same group methods, rank i in ``placements[i]``."""
+    threads = cfg.cluster.omp_threads
     if cfg.learner.backend == "deepspeed":
         from rltrain.dist.deepspeed_group import DeepSpeedLearnerGroup
 
-        return DeepSpeedLearnerGroup(cfg.learner, model_path, options, threads=cfg.cluster.omp_threads)
-    return TorchLearnerGroup(cpus=1, threads=cfg.cluster.omp_threads, model_path=model_path, options=options)
+        return DeepSpeedLearnerGroup(cfg.learner, model_path, options, threads=threads, placements=placements)
+    return TorchLearnerGroup(threads=threads, model_path=model_path, options=options, placement=placements[0])
 
 
 def check_learner_checkpoint(cfg: DictConfig, directory: str) -> None:
@@ -96,27 +119,36 @@ def check_learner_checkpoint(cfg: DictConfig, directory: str) -> None:
 
 class Runtime:
     def __init__(self, cfg: DictConfig, model_path: str, total_optimizer_steps: int):
-        threads = cfg.cluster.omp_threads
-        workers = cfg.rollout.num_workers
-        self.owns_ray = start_ray(
-            cfg.cluster.mode,
-            cfg.cluster.address,
-            cfg.cluster.num_cpus,
-            cpus_needed=workers + 1 + cfg.learner.world_size,
-        )
+        cpus_needed = plan_run_placement(cfg, cluster_gpus=0).totals()["CPU"]
+        self.owns_ray = start_ray(cfg.cluster.mode, cfg.cluster.address, cfg.cluster.num_cpus, cpus_needed)
+        plan = plan_run_placement(cfg, self.cluster_gpus())
+        self.placement_group = reserve(plan, cfg.cluster.placement_timeout_s)
+        # Colocated vLLM engines on GPU sleep (weights to CPU, KV cache freed) while the learner uses the device.
+        self.sleeps = cfg.cluster.placement == "colocated" and plan.rollout[0].num_gpus > 0
+        self.rollout_awake = True
+        options = {**rollout_options(cfg), **({"enable_sleep_mode": True} if self.sleeps else {})}
         self.rollout = RolloutGroup(
-            workers,
-            cpus=1,
+            cfg.rollout.num_workers,
             worker_args={
                 "engine": cfg.rollout.engine,
                 "model_path": model_path,
                 "seed": cfg.run.seed,
-                "threads": threads,
-                "options": rollout_options(cfg),
+                "threads": cfg.cluster.omp_threads,
+                "options": options,
             },
+            placements=[actor_options(self.placement_group, slot) for slot in plan.rollout],
         )
-        self.reward = create_reward_worker(cpus=1, threads=1, grader_options=grader_options(cfg.reward))
-        self.learner = create_learner_group(cfg, model_path, learner_options(cfg, total_optimizer_steps))
+        self.reward = create_reward_worker(
+            threads=1,
+            grader_options=grader_options(cfg.reward),
+            placement=actor_options(self.placement_group, plan.reward),
+        )
+        self.learner = create_learner_group(
+            cfg,
+            model_path,
+            learner_options(cfg, total_optimizer_steps),
+            [actor_options(self.placement_group, slot) for slot in plan.learner],
+        )
         self.sync_cfg = cfg.rollout
         self.weight_sync = resolve_weight_sync(
             cfg.rollout.weight_sync, self.cluster_gpus(), cfg.cluster.placement, cfg.rollout.tensor_parallel_size
@@ -124,7 +156,18 @@ class Runtime:
         self.sync_fallbacks = 0
         self._sync_group_replacements: int | None = None  # rollout.replacements when the group was opened
 
+    def set_rollout_awake(self, awake: bool) -> None:
+        """Colocated GPU runs: wake the engines before rollout / weight sync, sleep them before learner work."""
+        if not self.sleeps or awake == self.rollout_awake:
+            return
+        if awake:
+            self.rollout.wake_up()
+        else:
+            self.rollout.sleep()
+        self.rollout_awake = awake
+
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
+        self.set_rollout_awake(True)
         return self.rollout.generate(requests, params)
 
     def grade(self, completions: list[str], rows: list[dict]):
@@ -133,13 +176,16 @@ class Runtime:
         return ray.get(self.reward.grade.remote(completions, rows))
 
     def logprobs(self, batch: RolloutBatch, reference: bool = False):
+        self.set_rollout_awake(False)
         return self.learner.logprobs(batch, reference)
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
+        self.set_rollout_awake(False)
         return self.learner.train_step(batch, loss_fn)
 
     def forward_extras(self, batch: RolloutBatch, extras_fn) -> dict:
         """Per-token extras computed on the learner from the current policy's hidden states (THR)."""
+        self.set_rollout_awake(False)
         return self.learner.forward_extras(batch, extras_fn)
 
     @staticmethod
@@ -156,6 +202,7 @@ class Runtime:
         dead workers; the sync group is rebuilt before the next sync.
         """
         start = time.time()
+        self.set_rollout_awake(True)
         metrics: dict[str, float] = {}
         if self.weight_sync == "collective":
             try:
@@ -232,9 +279,10 @@ class Runtime:
             ray.get(self.reward.close.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - best effort: the run is over either way
             pass
-        if self.owns_ray:
-            stop_ray()
-        else:
+        if not self.owns_ray:
             self.rollout.shutdown()
             for actor in (self.reward, *self.learner.actors()):
                 ray.kill(actor)
+        release(self.placement_group)
+        if self.owns_ray:
+            stop_ray()

@@ -57,6 +57,12 @@ class RolloutWorker(WeightReceiver):
     def policy_version(self) -> int:
         return self.generator.policy_version
 
+    def sleep(self) -> None:
+        self.generator.sleep()
+
+    def wake_up(self) -> None:
+        self.generator.wake_up()
+
     def ready(self) -> bool:
         return True
 

@@ -127,7 +127,16 @@ class DeepSpeedRankWorker(WeightSender):
 class DeepSpeedLearnerGroup:
     """``learner.world_size`` DeepSpeed ranks; same methods as ``TorchLearnerGroup`` (plus bucketed export)."""
 
-    def __init__(self, learner_cfg: Any, model_path: str, options: dict[str, Any], threads: int = 1):
+    def __init__(
+        self,
+        learner_cfg: Any,
+        model_path: str,
+        options: dict[str, Any],
+        threads: int = 1,
+        placements: Sequence[dict] | None = None,
+    ):
+        """``placements[rank]``: Ray actor options of that rank (its placement-group bundle); None: one CPU each,
+        and one GPU each when the cluster has a GPU per rank."""
         import ray
 
         from rltrain.learner.deepspeed_learner import DeepSpeedLearner, deepspeed_config
@@ -151,13 +160,13 @@ class DeepSpeedLearnerGroup:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= self.world_size
         self.use_gpu = use_gpu
         remote = ray.remote(
-            num_cpus=1,
-            num_gpus=1 if use_gpu else 0,
             max_restarts=0,
             # Exported CPU tensors go into the object store without an in-memory pickled copy (see export_weights).
             runtime_env={"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}},
         )(DeepSpeedRankWorker)
-        self.workers = [remote.remote(threads) for _ in range(self.world_size)]
+        if placements is None:
+            placements = [{"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}] * self.world_size
+        self.workers = [remote.options(**placements[rank]).remote(threads) for rank in range(self.world_size)]
         master = self._gather([self.workers[0].rendezvous_address.remote()])[0]
         backend = "nccl" if use_gpu else "gloo"
         self._gather(

@@ -86,11 +86,16 @@ def share_params(params: SamplingParams, slot: int) -> SamplingParams:
 class RolloutGroup:
     """N rollout workers with token-balanced data-parallel dispatch and worker replacement."""
 
-    def __init__(self, num_workers: int, cpus: float, worker_args: dict[str, Any]):
+    def __init__(self, num_workers: int, worker_args: dict[str, Any], placements: Sequence[dict] | None = None):
+        """``placements[slot]``: Ray actor options of worker ``slot`` (its placement-group bundle); None: one
+        CPU each, and the engine's GPUs when the cluster has them."""
         import ray
 
-        gpus = rollout_gpus(worker_args["engine"], worker_args["options"], ray.cluster_resources().get("GPU", 0))
-        self._remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(RolloutWorker)
+        if placements is None:
+            gpus = rollout_gpus(worker_args["engine"], worker_args["options"], ray.cluster_resources().get("GPU", 0))
+            placements = [{"num_cpus": 1, "num_gpus": gpus}] * num_workers
+        self._placements = list(placements)
+        self._remote = ray.remote(max_restarts=0)(RolloutWorker)
         self._args = worker_args
         self.workers = [self._spawn(slot) for slot in range(num_workers)]
         ray.get([w.ready.remote() for w in self.workers])
@@ -101,7 +106,8 @@ class RolloutGroup:
 
     def _spawn(self, slot: int):
         """Worker ``slot`` seeds its engine with ``seed + slot``: engines never share an unseeded random stream."""
-        return self._remote.remote(**{**self._args, "seed": self._args["seed"] + slot})
+        # A replacement takes the same slot: the dead worker's share of the bundle is free again.
+        return self._remote.options(**self._placements[slot]).remote(**{**self._args, "seed": self._args["seed"] + slot})
 
     def generate(self, requests: Sequence[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
         """Results in request order. A worker that dies is replaced and its share re-run once."""
@@ -172,6 +178,17 @@ class RolloutGroup:
         """Start receiving a collective sync; each ref resolves to that worker's policy version."""
         return [worker.receive_weights.remote(version) for worker in self.workers]
 
+    def sleep(self) -> None:
+        """Free the engines' device memory (vLLM sleep level 1: weights to CPU, KV cache dropped)."""
+        import ray
+
+        ray.get([worker.sleep.remote() for worker in self.workers])
+
+    def wake_up(self) -> None:
+        import ray
+
+        ray.get([worker.wake_up.remote() for worker in self.workers])
+
     def remember_weights(self, source: Any, version: int) -> None:
         """What a replacement worker loads: ``source`` is an object ref or a function returning one."""
         self._weights = (source, version)
@@ -192,10 +209,12 @@ class RolloutGroup:
             ray.kill(worker)
 
 
-def create_reward_worker(cpus: float, threads: int, grader_options: dict[str, Any]):
+def create_reward_worker(threads: int, grader_options: dict[str, Any], placement: dict | None = None):
+    """The reward actor, in ``placement`` (Ray actor options) or on one CPU."""
     import ray
 
-    worker = ray.remote(num_cpus=cpus)(RewardWorker).remote(threads, grader_options)
+    options = placement or {"num_cpus": 1}
+    worker = ray.remote(RewardWorker).options(**options).remote(threads, grader_options)
     ray.get(worker.ready.remote())
     return worker
 
@@ -203,10 +222,12 @@ def create_reward_worker(cpus: float, threads: int, grader_options: dict[str, An
 class TorchLearnerGroup:
     """One torch learner actor. The DeepSpeed group (rltrain/dist/deepspeed_group.py) has the same methods."""
 
-    def __init__(self, cpus: float, threads: int, model_path: str, options: dict[str, Any]):
+    def __init__(self, threads: int, model_path: str, options: dict[str, Any], placement: dict | None = None):
+        """The learner actor, in ``placement`` (Ray actor options) or on one CPU."""
         import ray
 
-        self.actor = ray.remote(num_cpus=cpus)(LearnerWorker).remote(threads, model_path, options)
+        actor_options = placement or {"num_cpus": 1}
+        self.actor = ray.remote(LearnerWorker).options(**actor_options).remote(threads, model_path, options)
         ray.get(self.actor.ready.remote())
 
     def logprobs(self, batch, reference: bool = False):

@@ -67,6 +67,7 @@ class VLLMGenerator:
     is the KV block (and prefix-cache reuse) granularity in tokens; None keeps vLLM's platform default
     (128 on CPU, 16 on most GPUs). Tree sampling reuses prefixes only in whole blocks, so a segment
     length ``l`` below the default needs ``block_size`` = ``l`` (CPU attention takes multiples of 32).
+    ``enable_sleep_mode`` (GPU only) allows ``sleep``/``wake_up`` around a colocated learner's work.
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class VLLMGenerator:
         max_model_len: int | None = None,
         kv_cache_gb: float = 1.0,
         block_size: int | None = None,
+        enable_sleep_mode: bool = False,
     ) -> None:
         if kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
@@ -96,6 +98,13 @@ class VLLMGenerator:
             if block_size < 1:
                 raise ValueError(f"block_size must be >= 1, got {block_size}")
             engine_kwargs["block_size"] = block_size
+        if enable_sleep_mode:
+            if not current_platform.is_sleep_mode_available():
+                raise ValueError(
+                    f"vLLM sleep mode is not available on {current_platform.device_name}: colocated engines sleep "
+                    "only on GPU (use cluster.placement=disaggregated)"
+                )
+            engine_kwargs["enable_sleep_mode"] = True
         if current_platform.is_cpu():
             engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * _GIB)
         else:
@@ -201,6 +210,15 @@ class VLLMGenerator:
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("load_weights: vLLM could not reset its prefix cache (requests still running?)")
         self._version = version
+
+    def sleep(self) -> None:
+        """Free device memory while a colocated learner trains: weights move to CPU memory, the KV cache (and
+        so the prefix cache) is dropped. Needs ``enable_sleep_mode``."""
+        self._llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Restore the weights and the KV cache; call before ``load_weights`` or ``generate``."""
+        self._llm.wake_up()
 
     def close(self) -> None:
         """Shut the engine down and free its model and KV cache; the generator is unusable afterwards."""

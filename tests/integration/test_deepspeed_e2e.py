@@ -54,3 +54,19 @@ def test_quickstart_trains_with_deepspeed_on_two_ranks_and_resumes(tmp_path):
     for resumed, straight in zip(records[1:], _metrics(straight_dir)[1:], strict=True):
         for key in ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean"):
             assert abs(resumed[key] - straight[key]) <= 1e-6, (resumed["step"], key)
+
+
+def test_zero3_broadcast_sync_and_colocated_placement_train_the_same_run(tmp_path):
+    """Two ZeRO-3 ranks and two rollout workers: disaggregated with the collective (gloo) sync, and colocated
+    (worker i in rank i's bundle) with the object-store sync. Placement and transport must not change a number."""
+    layout = [*RUN, "learner.zero_stage=3", "rollout.num_workers=2", "trainer.steps=2", "data.num_eval=4"]
+    broadcast_dir, colocated_dir = tmp_path / "broadcast", tmp_path / "colocated"
+    _rltrain(tmp_path, f"run.dir={broadcast_dir}", *layout, "rollout.weight_sync=collective")
+    _rltrain(tmp_path, f"run.dir={colocated_dir}", *layout, "cluster.placement=colocated")
+    broadcast, colocated = _metrics(broadcast_dir)[1:], _metrics(colocated_dir)[1:]
+    assert all(row["rollout/weight_sync_fallbacks"] == 0 and row["perf/weight_sync_mb"] > 0 for row in broadcast)
+    assert all("perf/weight_sync_mb" not in row for row in colocated)
+    assert broadcast[1]["rollout/logprob_diff"] < 1e-3 and colocated[1]["rollout/logprob_diff"] < 1e-3
+    for ours, theirs in zip(broadcast, colocated, strict=True):
+        for key in ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean"):
+            assert abs(ours[key] - theirs[key]) <= 1e-6, (ours["step"], key)
