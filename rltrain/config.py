@@ -221,7 +221,7 @@ class ClusterConfig:
     mode: str = "local"  # local: start a local Ray | address: connect to an existing Ray cluster
     address: str | None = None
     num_cpus: int | None = None
-    num_gpus: int = 0
+    num_gpus: int = 0  # GPUs the layout expects: fewer in the Ray cluster is an error before any actor starts
     omp_threads: int = 1
     # disaggregated: rollout workers and learner ranks on separate CPUs/GPUs | colocated: rollout worker i
     # shares learner rank i's bundle (GPU: vLLM sleeps while the learner trains). Both reserve a Ray

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rltrain.config import ConfigError
 from rltrain.dist.groups import (
     RolloutGroup,
     TorchLearnerGroup,
@@ -121,8 +122,7 @@ class Runtime:
     def __init__(self, cfg: DictConfig, model_path: str, total_optimizer_steps: int):
         cpus_needed = plan_run_placement(cfg, cluster_gpus=0).totals()["CPU"]
         self.owns_ray = start_ray(cfg.cluster.mode, cfg.cluster.address, cfg.cluster.num_cpus, cpus_needed)
-        plan = plan_run_placement(cfg, self.cluster_gpus())
-        self.placement_group = reserve(plan, cfg.cluster.placement_timeout_s)
+        self.placement_group, plan = self._reserve(cfg)
         # Colocated vLLM engines on GPU sleep (weights to CPU, KV cache freed) while the learner uses the device.
         self.sleeps = cfg.cluster.placement == "colocated" and plan.rollout[0].num_gpus > 0
         self.rollout_awake = True
@@ -155,6 +155,23 @@ class Runtime:
         )
         self.sync_fallbacks = 0
         self._sync_group_replacements: int | None = None  # rollout.replacements when the group was opened
+
+    def _reserve(self, cfg: DictConfig) -> tuple[Any, PlacementPlan]:
+        """The run's placement group, or ConfigError (Ray stopped if this run started it) when the cluster
+        has fewer GPUs than ``cluster.num_gpus`` or cannot hold the plan."""
+        gpus = self.cluster_gpus()
+        try:
+            if gpus < cfg.cluster.num_gpus:
+                raise RuntimeError(
+                    f"cluster.num_gpus={cfg.cluster.num_gpus}, but the Ray cluster has {gpus:g} GPUs; run where "
+                    "there are that many, or lower cluster.num_gpus (0 on CPU)"
+                )
+            plan = plan_run_placement(cfg, gpus)
+            return reserve(plan, cfg.cluster.placement_timeout_s), plan
+        except RuntimeError as err:
+            if self.owns_ray:
+                stop_ray()
+            raise ConfigError(str(err)) from None
 
     def set_rollout_awake(self, awake: bool) -> None:
         """Colocated GPU runs: wake the engines before rollout / weight sync, sleep them before learner work."""

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "grader": "grades/s of the math grader through the process pool",
     "rollout": "flat vs tree sampling: computed tokens, trajectories/s",
     "export": "peak memory of the DeepSpeed ZeRO-3 weight export, bucketed vs one dict",
+    "sync": "seconds per weight sync to the rollout workers: object store vs bucketed broadcast",
 }
 
 

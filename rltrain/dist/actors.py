@@ -57,6 +57,10 @@ class RolloutWorker(WeightReceiver):
     def policy_version(self) -> int:
         return self.generator.policy_version
 
+    def score(self, pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[tuple[float, ...]]:
+        """Logprobs of given continuations under the engine's current weights (vLLM engine only)."""
+        return self.generator.score(pairs)
+
     def sleep(self) -> None:
         self.generator.sleep()
 

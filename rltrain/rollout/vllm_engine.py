@@ -178,6 +178,28 @@ class VLLMGenerator:
         outputs = self._llm.generate(prompts, per_sample_params, use_tqdm=False)
         return _group_results(requests, outputs)
 
+    def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, ...]]:
+        """Logprob of each ``continuation`` token given ``context`` and the continuation before it, for each
+        (context, continuation) pair: vLLM prompt logprobs, i.e. log-softmax of the raw logits (temperature 1).
+
+        This scores given tokens with the engine's current weights, so a fixed continuation can be compared
+        with the learner's logprobs after a weight sync (the learner must use temperature 1 too).
+        """
+        import vllm
+        from vllm.inputs import TokensPrompt
+
+        if any(not continuation for _, continuation in pairs):
+            raise ValueError("score: every continuation needs at least one token")
+        params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=[*context, *continuation]) for context, continuation in pairs]
+        self._check_lengths([GenRequest(tuple(prompt["prompt_token_ids"])) for prompt in prompts])
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        scores = []
+        for output, (context, continuation) in zip(outputs, pairs):
+            positions = output.prompt_logprobs[len(context) :]
+            scores.append(tuple(position[token].logprob for position, token in zip(positions, continuation)))
+        return scores
+
     def _check_lengths(self, requests: Sequence[GenRequest]) -> None:
         for index, request in enumerate(requests):
             if len(request.context_ids) >= self.max_model_len:

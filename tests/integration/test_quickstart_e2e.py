@@ -90,6 +90,13 @@ def test_bad_config_fails_fast_before_ray(tmp_path):
     assert time.time() - start < 60
 
 
+def test_a_gpu_layout_on_a_cpu_cluster_is_a_clear_error(tmp_path):
+    proc = _rltrain(tmp_path, "cluster.num_gpus=1", "trainer.steps=1", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cluster.num_gpus=1" in proc.stderr and "0 GPUs" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint_as_if_never_stopped(tmp_path):
     run_dir = tmp_path / "run"
     args = [f"run.dir={run_dir}", "trainer.steps=6", "trainer.save_every=1", "trainer.eval_every=0"]

@@ -76,6 +76,25 @@ def max_gap(batch, logprobs) -> float:
     return float(((logprobs - batch.rollout_logprobs).abs() * batch.response_mask).max())
 
 
+def scored_gap(trainer, batch) -> float:
+    """Max |engine logprob − learner logprob| on ``batch``'s fixed tokens, each worker scoring them (vLLM
+    prompt logprobs) with its current weights."""
+    import ray
+
+    pairs = []
+    for row in range(batch.batch_size):
+        prompt = batch.prompt_ids[row][batch.prompt_mask[row] > 0].tolist()
+        pairs.append((tuple(prompt), tuple(batch.response_ids[row][batch.response_mask[row] > 0].tolist())))
+    learner = trainer.runtime.logprobs(batch)
+    gaps = []
+    for scores in ray.get([worker.score.remote(pairs) for worker in trainer.runtime.rollout.workers]):
+        engine = torch.zeros_like(learner)
+        for row, values in enumerate(scores):
+            engine[row, : len(values)] = torch.tensor(values)
+        gaps.append(max_gap(batch.replace(rollout_logprobs=engine), learner))
+    return max(gaps)
+
+
 def greedy_logprob_gap(trainer) -> float:
     """How far the rollout workers' greedy logprobs are from the learner's on the same tokens."""
     batch = greedy_batch(trainer)
@@ -87,12 +106,15 @@ def test_training_step_then_sync_vllm_matches_the_learner(trainer):
     assert worker_versions(trainer.runtime) == [0, 0]
     fixed = greedy_batch(trainer)  # a fixed continuation, sampled by the version-0 engines
     assert max_gap(fixed, trainer.runtime.logprobs(fixed)) <= LOGPROB_TOL
+    assert scored_gap(trainer, fixed) <= LOGPROB_TOL
     metrics = trainer.step(1)
     assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
     assert metrics["perf/weight_sync_s"] > 0
     assert worker_versions(trainer.runtime) == [1, 1]
-    # The step moved the learner on the fixed continuation, and the synced engines moved with it.
+    # The step moved the learner on the fixed continuation, and the synced engines moved with it: both
+    # workers score the same fixed tokens as the learner now does.
     assert max_gap(fixed, trainer.runtime.logprobs(fixed)) > 100 * LOGPROB_TOL
+    assert scored_gap(trainer, fixed) <= LOGPROB_TOL
     assert greedy_logprob_gap(trainer) <= LOGPROB_TOL
 
 
@@ -101,6 +123,8 @@ def test_a_skipped_sync_is_an_error_naming_the_cause(trainer, monkeypatch):
         patch.setattr(trainer.runtime, "sync_weights", lambda version: {})
         trainer.step(2)  # trains; the rollout workers keep version 1
     assert worker_versions(trainer.runtime) == [1, 1]
+    stale = greedy_batch(trainer)
+    assert scored_gap(trainer, stale) > 100 * LOGPROB_TOL  # the engines still score with version 1
     with pytest.raises(RuntimeError, match="weight sync skipped or failed"):
         trainer.step(3)
     trainer.runtime.sync_weights(2)

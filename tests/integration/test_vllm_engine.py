@@ -139,6 +139,17 @@ def test_top_k_logprobs_are_of_the_truncated_distribution(engine, hf_model, prom
         assert abs(float(renormalised) - result.logprobs[step]) <= LOGPROB_TOL
 
 
+def test_score_gives_hf_logprobs_of_given_tokens(engine, hf_model):
+    pairs = [(random_context(length, seed), random_context(12, seed + 100)) for seed, length in enumerate((1, 9, 300))]
+    scores = engine.score(pairs)
+    for (context, continuation), values in zip(pairs, scores):
+        assert len(values) == len(continuation)
+        expected = hf_logprobs(hf_model, context, continuation)
+        assert float((expected - torch.tensor(values)).abs().max()) <= 1e-3
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.score([((1, 2), ())])
+
+
 def test_n_samples_seeds_and_stats(engine, prompts):
     requests = [GenRequest(prompts[0], n=4), GenRequest(prompts[0], n=1)]
     params = SamplingParams(temperature=1.0, max_tokens=8, seed=123)
