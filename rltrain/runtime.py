@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_weight_sync(mode: str, cluster_gpus: float, placement: str, tensor_parallel_size: int) -> str:
-    """``rollout.weight_sync`` -> object_store | collective. ``auto`` broadcasts where it pays: between GPUs of
-    a disaggregated placement with one GPU per engine; on CPU the object store is as fast and needs no group."""
+    """``rollout.weight_sync`` -> object_store | collective. ``auto`` broadcasts between GPUs of a disaggregated
+    placement with one GPU per engine; elsewhere it keeps the object store, which needs no extra group."""
     if mode != "auto":
         return mode
     use_collective = cluster_gpus > 0 and placement == "disaggregated" and tensor_parallel_size == 1
