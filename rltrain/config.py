@@ -87,6 +87,9 @@ class TreeConfig:
     answer_pattern: str | None = None  # regex; its first match ends a path (TreePO "boxed as EOS")
     repetition_ngram: int = 0  # > 0: a path repeating an n-gram repetition_count times ends
     repetition_count: int = 8
+    # vLLM: end segments where the context is one token past a KV block boundary, so the prefix cache
+    # serves all but one context token of every continued path (docs/tree.md); the torch engine ignores it.
+    align_to_kv_blocks: bool = True
 
 
 @dataclass

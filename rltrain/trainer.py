@@ -56,7 +56,15 @@ def build_sampler(cfg: DictConfig, runtime: Runtime, decode):
         from rltrain.sampling.tree_sampler import TreeSampler
 
         tree = OmegaConf.to_container(cfg.rollout.tree, resolve=True)
-        return TreeSampler(runtime.generate, seed=cfg.run.seed, decode=decode, **tree)
+        block = runtime.rollout.kv_block_size() if tree.pop("align_to_kv_blocks") else None
+        if block is not None and tree["segment_len"] < block:
+            log.warning(
+                "rollout.tree.segment_len=%d is below the engine's %d-token KV block: tree paths share no cached "
+                "blocks across segments; lower rollout.vllm_block_size (CPU: multiples of 32) or lengthen segments",
+                tree["segment_len"],
+                block,
+            )
+        return TreeSampler(runtime.generate, seed=cfg.run.seed, decode=decode, kv_block_size=block, **tree)
     return FlatSampler(runtime.generate, cfg.rollout.n)
 
 

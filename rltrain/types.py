@@ -67,18 +67,27 @@ class GenRequest:
 
     ``prefix_ids`` are response tokens generated earlier (a parent tree segment); engines treat
     ``prompt_ids + prefix_ids`` as the context but return only the new tokens. Requests that share a
-    context prefix let the engine reuse its KV cache (``TokenStats.prefill_reused``).
+    context prefix let the engine reuse its KV cache (``TokenStats.prefill_reused``). ``max_tokens``
+    lowers the call's ``SamplingParams.max_tokens`` for this request only (the tree sampler's block-aligned
+    segments); engines that cannot honour it (torch) raise instead of ignoring it.
     """
 
     prompt_ids: tuple[int, ...]
     prefix_ids: tuple[int, ...] = ()
     n: int = 1
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError("GenRequest.prompt_ids is empty")
         if self.n < 1:
             raise ValueError(f"GenRequest.n must be >= 1, got {self.n}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"GenRequest.max_tokens must be >= 1 (or None), got {self.max_tokens}")
+
+    def token_budget(self, params: SamplingParams) -> int:
+        """Tokens this request may decode under ``params``."""
+        return params.max_tokens if self.max_tokens is None else min(self.max_tokens, params.max_tokens)
 
     @property
     def context_ids(self) -> tuple[int, ...]:

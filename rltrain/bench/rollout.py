@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--block-size", type=int, default=None, help="vLLM KV/prefix-cache block in tokens (default: vLLM's, CPU 128)"
     )
+    parser.add_argument(
+        "--no-align",
+        dest="align",
+        action="store_false",
+        help="vLLM: do not align tree segment ends to KV blocks (rollout.tree.align_to_kv_blocks=false)",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument(
         "--stop-tokens", type=int, default=1, help="stop token ids: EOS + this many - 1 others (0: none)"
@@ -202,6 +208,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             width=args.width,
             branching=args.branching,
             seed=args.seed,
+            kv_block_size=getattr(engine, "kv_block_size", None) if args.align else None,
         ),
     }
     for make in samplers.values():  # warm-up: first-call overheads stay out of the timings

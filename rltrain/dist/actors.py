@@ -57,6 +57,10 @@ class RolloutWorker(WeightReceiver):
     def policy_version(self) -> int:
         return self.generator.policy_version
 
+    def kv_block_size(self) -> int | None:
+        """The engine's prefix-cache block in tokens; None for engines that reuse exact prefixes (torch)."""
+        return getattr(self.generator, "kv_block_size", None)
+
     def score(self, pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[tuple[float, ...]]:
         """Logprobs of given continuations under the engine's current weights (vLLM engine only)."""
         return self.generator.score(pairs)

@@ -47,13 +47,16 @@ def balance_by_tokens(requests: Sequence[GenRequest], max_tokens: int, num_worke
 
     Requests with the same ``prompt_ids`` (a tree's segments of one prompt) go to one worker, so that its
     prefix cache, not a second worker's prefill, serves their shared context. Prompt groups are placed
-    largest first onto the least loaded worker; a request costs ``(context tokens + max_tokens) * n``.
+    largest first onto the least loaded worker; a request costs ``(context tokens + its max tokens) * n``.
     """
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for index, request in enumerate(requests):
         by_prompt.setdefault(request.prompt_ids, []).append(index)
     cost = {
-        prompt: sum((len(requests[i].context_ids) + max_tokens) * requests[i].n for i in indices)
+        prompt: sum(
+            (len(requests[i].context_ids) + min(requests[i].max_tokens or max_tokens, max_tokens)) * requests[i].n
+            for i in indices
+        )
         for prompt, indices in by_prompt.items()
     }
     shares: list[list[int]] = [[] for _ in range(num_workers)]
@@ -177,6 +180,11 @@ class RolloutGroup:
     def receive_weights_refs(self, version: int) -> list:
         """Start receiving a collective sync; each ref resolves to that worker's policy version."""
         return [worker.receive_weights.remote(version) for worker in self.workers]
+
+    def kv_block_size(self) -> int | None:
+        import ray
+
+        return ray.get(self.workers[0].kv_block_size.remote())
 
     def sleep(self) -> None:
         """Free the engines' device memory (vLLM sleep level 1: weights to CPU, KV cache dropped)."""

@@ -11,6 +11,7 @@ built, because a repacked linear layer keeps serving its original weights after 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -153,6 +154,11 @@ class VLLMGenerator:
     def policy_version(self) -> int:
         return self._version
 
+    @property
+    def kv_block_size(self) -> int:
+        """Tokens per KV block: the prefix cache reuses a context in whole blocks of this size."""
+        return int(self._llm.llm_engine.vllm_config.cache_config.block_size)
+
     def generate(self, requests: Sequence[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
         """Sample ``request.n`` continuations of each request's ``context_ids``; results in request order.
 
@@ -171,10 +177,11 @@ class VLLMGenerator:
         prompts, per_sample_params = [], []
         for request in requests:
             prompt = TokensPrompt(prompt_token_ids=list(request.context_ids))
+            request_params = dataclasses.replace(params, max_tokens=request.token_budget(params))
             for _ in range(request.n):
                 seed = None if params.seed is None else params.seed + len(prompts)
                 prompts.append(prompt)
-                per_sample_params.append(to_vllm_sampling_params(params, seed))
+                per_sample_params.append(to_vllm_sampling_params(request_params, seed))
         outputs = self._llm.generate(prompts, per_sample_params, use_tqdm=False)
         return _group_results(requests, outputs)
 

@@ -139,6 +139,23 @@ def end_of_segment(
     return kept, None
 
 
+# ---- segment length --------------------------------------------------------------------------------------
+def segment_budget(prompt_len: int, response_len: int, segment_len: int, block_size: int | None) -> int:
+    """Tokens to decode in a path's next segment: ``segment_len``, or, aligned to a prefix cache of
+    ``block_size``-token blocks (vLLM), the smallest count >= ``segment_len`` after which the context
+    (prompt + response) is one token past a block boundary.
+
+    A prefix cache reuses whole blocks only and always recomputes the last context token; a context of
+    ``k * block_size + 1`` tokens is therefore the cheapest to continue (1 token recomputed instead of up
+    to ``block_size``). With ``segment_len`` a multiple of ``block_size`` only a path's first segment is
+    lengthened (by < ``block_size`` tokens); later ones are exactly ``segment_len``.
+    """
+    if block_size is None:
+        return segment_len
+    context_end = prompt_len + response_len + segment_len
+    return segment_len + (1 - context_end) % block_size
+
+
 # ---- branching budget -------------------------------------------------------------------------------------
 def children_total(remaining: int, finished_now: int, active: int, branching: int) -> int:
     """Children for a prompt's ``active`` paths: ``b`` per path that was live this round (finished ones

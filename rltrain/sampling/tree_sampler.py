@@ -1,10 +1,11 @@
 """TreePO tree-segment sampler: drives any generate function through ``SegmentTree`` one segment at a time.
 
 Each round sends every live path of every prompt in one generate call (one call per distinct segment
-budget, normally one): a path with ``k`` planned children is one ``GenRequest(prompt, prefix=path so far,
-n=k)``, so the engine prefills the shared prefix once and forks it ``k`` ways. Requests go out as token
-ids, ordered by prompt, so an engine with a prefix cache (vLLM APC, ``TorchTreeGenerator``) finds each
-path's earlier segments already computed. See docs/tree.md.
+budget, normally one; always one when segment ends are aligned to the engine's KV blocks): a path with
+``k`` planned children is one ``GenRequest(prompt, prefix=path so far, n=k)``, so the engine prefills the
+shared prefix once and forks it ``k`` ways. Requests go out as token ids, ordered by prompt, so an engine
+with a prefix cache (vLLM APC, ``TorchTreeGenerator``) finds each path's earlier segments already
+computed. See docs/tree.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rltrain.sampling.tree import (
     Path,
     SegmentTree,
     StopRules,
+    segment_budget,
 )
 from rltrain.types import FinishReason, GenRequest, GenResult, SamplingParams, TokenStats
 
@@ -44,7 +46,9 @@ class TreeSampler:
     (``"critical"``, CURE). ``answer_pattern`` (regex) ends a path at its first match; ``repetition_ngram``
     > 0 ends a path whose response repeats an n-gram ``repetition_count`` times. ``decode`` (token ids ->
     text) is needed by the text rules (answer, stop strings across segment boundaries). ``seed`` seeds
-    the branching choices (budget remainders, fallback cuts).
+    the branching choices (budget remainders, fallback cuts). ``kv_block_size`` (the engine's prefix-cache
+    block, vLLM) aligns segment ends to it (``tree.segment_budget``), so a continued path recomputes one
+    context token instead of its partial last block; None: every segment is ``segment_len``.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class TreeSampler:
         repetition_count: int = 8,
         seed: int | None = None,
         decode: Callable[[Sequence[int]], str] | None = None,
+        kv_block_size: int | None = None,
     ):
         for name, value in (
             ("segment_len", segment_len),
@@ -78,6 +83,8 @@ class TreeSampler:
         ):
             if value < 1:
                 raise ValueError(f"tree sampler: {name} must be >= 1, got {value}")
+        if kv_block_size is not None and kv_block_size < 1:
+            raise ValueError(f"tree sampler: kv_block_size must be >= 1 (or None), got {kv_block_size}")
         if repetition_ngram < 0:
             raise ValueError(f"tree sampler: repetition_ngram must be >= 0 (0 disables), got {repetition_ngram}")
         if divergence_policy not in DIVERGENCE_POLICIES:
@@ -99,6 +106,7 @@ class TreeSampler:
             )
         self.generate = generate
         self.segment_len = segment_len
+        self.kv_block_size = kv_block_size
         self.max_depth = max_depth
         self.branching = Branching(
             width, branching, divergence_policy, divergence_temperature, fallback, fallback_policy, critical_top_k
@@ -151,13 +159,33 @@ class TreeSampler:
     def _generate_round(
         self, prompts: list[tuple[int, ...]], live: list[Path], params: SamplingParams, calls_before: int
     ) -> tuple[list[list[tuple[tuple[int, ...], tuple[float, ...], FinishReason]]], TokenStats, int]:
-        """Sample every live path's children; one generate call per distinct segment budget."""
-        budgets = [min(self.segment_len, params.max_tokens - len(path.tokens)) for path in live]
+        """Sample every live path's children. Block-aligned budgets differ per path and go in one call as
+        per-request ``max_tokens`` (vLLM); otherwise one call per distinct budget (normally one)."""
+        budgets = [
+            min(
+                segment_budget(len(prompts[path.prompt]), len(path.tokens), self.segment_len, self.kv_block_size),
+                params.max_tokens - len(path.tokens),
+            )
+            for path in live
+        ]
+        if self.kv_block_size is None:
+            distinct = sorted(set(budgets), reverse=True)
+            groups = [[i for i, b in enumerate(budgets) if b == budget] for budget in distinct]
+        else:
+            groups = [list(range(len(live)))]
         segments: list[list[tuple[tuple[int, ...], tuple[float, ...], FinishReason]]] = [[] for _ in live]
         stats, calls = TokenStats(), 0
-        for budget in sorted(set(budgets), reverse=True):
-            rows = [i for i, b in enumerate(budgets) if b == budget]
-            requests = [GenRequest(prompts[live[i].prompt], tuple(live[i].tokens), n=live[i].fan_out) for i in rows]
+        for rows in groups:
+            budget = max(budgets[i] for i in rows)
+            requests = [
+                GenRequest(
+                    prompts[live[i].prompt],
+                    tuple(live[i].tokens),
+                    n=live[i].fan_out,
+                    max_tokens=budgets[i] if budgets[i] < budget else None,
+                )
+                for i in rows
+            ]
             # A fixed seed must not replay the same random stream in every round.
             seed = None if params.seed is None else params.seed + calls_before + calls
             outputs = self.generate(requests, dataclasses.replace(params, max_tokens=budget, seed=seed))

@@ -173,3 +173,13 @@ def test_quickstart_with_vllm_trains_end_to_end_through_the_cli(tmp_path):
     for record in records[1:]:
         assert record["rollout/logprob_diff"] <= LOGPROB_TOL
         assert torch.isfinite(torch.tensor([record["loss/total"], record["perf/weight_sync_s"]])).all()
+
+
+def test_cli_treepo_over_vllm_aligns_segments_to_kv_blocks(tmp_path):
+    """rollout=tree over 2 vLLM actors with 32-token blocks and segments: trains, engines stay in sync."""
+    run_dir = tmp_path / "run"
+    tree = ["rollout=tree", "algorithm=tree", "rollout.vllm_block_size=32", "rollout.tree.segment_len=32"]
+    _rltrain(tmp_path, *VLLM, *tree, "rollout.max_tokens=64", "trainer.steps=2", f"run.dir={run_dir}")
+    rows = [row for row in _metrics(run_dir) if "loss/total" in row]
+    assert len(rows) == 2 and all(row["rollout/logprob_diff"] <= LOGPROB_TOL for row in rows)
+    assert all(row["rollout/prefill_reused"] > 0 for row in rows)

@@ -182,6 +182,34 @@ def test_prefix_cache_reuse_is_reported(engine):
     assert again.prefill_reused > stats.prefill_reused
 
 
+def test_tree_segments_aligned_to_kv_blocks_recompute_one_token_per_continued_sample(engine):
+    from rltrain.sampling.tree_sampler import TreeSampler
+
+    block = engine.kv_block_size
+    prompts = [random_context(length, seed=20 + length) for length in (5, 60, 100)]
+    params = SamplingParams(temperature=1.0, max_tokens=3 * block, seed=0)  # no stop token: every path continues
+
+    def sample(kv_block_size):
+        sampler = TreeSampler(
+            engine.generate, segment_len=block, max_depth=3, width=4, branching=2, kv_block_size=kv_block_size
+        )
+        return sampler.sample(prompts, params)
+
+    plain, aligned = sample(None), sample(block)
+    # Round 1: two samples per prompt (at most the whole prompt each); rounds 2 and 3: 4 continued samples
+    # per prompt, each recomputing only its last context token.
+    assert aligned.stats.prefill_computed <= 2 * sum(map(len, prompts)) + 2 * 4 * len(prompts)
+    assert aligned.stats.prefill_computed < plain.stats.prefill_computed
+    assert aligned.stats.prefill_reused > 0
+    assert all(len(p) + len(r.token_ids) == 3 * block for p, r in zip(aligned.prefixes, aligned.results))
+
+
+def test_per_request_max_tokens(engine):
+    requests = [GenRequest(random_context(10, seed=40), n=2, max_tokens=3), GenRequest(random_context(10, seed=41))]
+    results = engine.generate(requests, SamplingParams(temperature=1.0, max_tokens=6, seed=0))
+    assert [len(r.token_ids) for group in results for r in group] == [3, 3, 6]
+
+
 def test_stop_strings_and_stop_tokens(engine, tokenizer, prompts):
     from rltrain.rollout.torch_engine import TorchGenerator
 

@@ -297,6 +297,40 @@ def test_bad_settings_raise_naming_the_setting(kwargs):
         TreeSampler(lambda r, p: [], **kwargs)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    prompt_len=st.integers(1, 300),
+    response_len=st.integers(0, 300),
+    segment_len=st.integers(1, 64),
+    block=st.sampled_from([1, 16, 32, 128]),
+)
+def test_aligned_segments_end_one_token_past_a_block_boundary(prompt_len, response_len, segment_len, block):
+    from rltrain.sampling.tree import segment_budget
+
+    assert segment_budget(prompt_len, response_len, segment_len, None) == segment_len
+    budget = segment_budget(prompt_len, response_len, segment_len, block)
+    assert segment_len <= budget < segment_len + block
+    assert (prompt_len + response_len + budget) % block == 1 % block
+
+
+def test_with_kv_blocks_only_the_first_segment_is_lengthened():
+    """Prompts of 27 and 33 tokens, l = 32 = block: first segments of 38 and 32 tokens, then 32 each, so
+    every continued context is k * 32 + 1 tokens long; the max_tokens cap shortens the last segment."""
+
+    def script(request, k, max_tokens):
+        return [5] * request.token_budget(SamplingParams(max_tokens=max_tokens)), FinishReason.LENGTH
+
+    engine = ScriptedGenerator(script)
+    sampler = TreeSampler(engine.generate, segment_len=32, max_depth=3, width=2, branching=2, kv_block_size=32)
+    traj = sampler.sample([[1] * 27, [1] * 33], params(96))
+    contexts = {len(r.context_ids) for requests, _ in engine.calls for r in requests if r.prefix_ids}
+    assert contexts and all(length % 32 == 1 for length in contexts)
+    # One call per round; a request whose budget is below the call's carries its own max_tokens.
+    budgets = [[r.token_budget(p) for r in requests] for requests, p in engine.calls]
+    assert budgets == [[38, 32], [32, 32, 32, 32], [26, 26, 32, 32]]
+    assert all(len(prefix) + len(result.token_ids) == 96 for prefix, result in zip(traj.prefixes, traj.results))
+
+
 def test_engine_returning_too_few_results_is_a_clear_error():
     sampler = TreeSampler(lambda requests, p: [[] for _ in requests], width=2)
     with pytest.raises(RuntimeError, match="different number of results"):
@@ -319,7 +353,9 @@ def test_every_tree_config_key_is_a_sampler_setting_and_bad_values_fail_before_s
     cfg = compose_tree()
     validate(cfg)
     assert cfg.rollout.sampler == "tree" and cfg.algorithm.advantage == "tree"
-    TreeSampler(lambda r, p: [], **OmegaConf.to_container(cfg.rollout.tree))  # no unknown keyword
+    tree = OmegaConf.to_container(cfg.rollout.tree)
+    assert tree.pop("align_to_kv_blocks") is True  # read by the trainer: the engine's block, or None
+    TreeSampler(lambda r, p: [], kv_block_size=None, **tree)  # no unknown keyword
     assert rollout_options(cfg)["kv_fork"] and not rollout_options(compose_tree("rollout=flat"))["kv_fork"]
     for override, key in [
         ("rollout.tree.fallback_policy=best", "fallback_policy"),
