@@ -3,6 +3,8 @@ worker replacement, and the quickstart recipe through the CLI with ``rollout.eng
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -24,8 +26,8 @@ VLLM = ["rollout.engine=vllm", "rollout.num_workers=2", "model.tiny.num_heads=2"
 SMALL_VLLM = [*SMALL, *VLLM]
 
 
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
+@contextlib.contextmanager
+def vllm_trainer(tmp_path, *overrides: str):
     """An in-process Trainer whose Runtime holds 2 vLLM rollout actors, a reward actor and a torch learner.
 
     The learning rate is large on purpose: one optimizer step moves the policy so far (mean |Δ logprob| of
@@ -36,22 +38,28 @@ def trainer(tmp_path_factory):
     from rltrain.runtime import Runtime
     from rltrain.trainer import Trainer
 
-    tmp_path = tmp_path_factory.mktemp("vllm_e2e")
-    overrides = [
+    overrides = (
         *SMALL_VLLM,
         "learner.lr=0.05",
         "rollout.logprob_diff_error=0.2",
         f"model.cache_dir={tmp_path / 'cache'}",
         f"run.dir={tmp_path / 'run'}",
-    ]
+        *overrides,
+    )
     with initialize_config_module(config_module="recipes", version_base="1.3"):
-        cfg = compose(config_name="quickstart", overrides=overrides)
+        cfg = compose(config_name="quickstart", overrides=list(overrides))
     prep = prepare(cfg)
     runtime = Runtime(cfg, prep.model_path, total_optimizer_steps=10)
     try:
         yield Trainer(cfg, prep, runtime)
     finally:
         runtime.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    with vllm_trainer(tmp_path_factory.mktemp("vllm_e2e")) as built:
+        yield built
 
 
 def worker_versions(runtime) -> list[int]:

@@ -8,42 +8,26 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from hydra import compose, initialize_config_module  # noqa: E402
 from test_quickstart_e2e import _metrics, _rltrain  # noqa: E402
-from test_vllm_e2e import LOGPROB_TOL, SMALL_VLLM, VLLM, KillAfterDispatch, greedy_logprob_gap, worker_versions  # noqa: E402
-
-from rltrain.config import register_configs  # noqa: E402
+from test_vllm_e2e import (  # noqa: E402
+    LOGPROB_TOL,
+    VLLM,
+    KillAfterDispatch,
+    greedy_logprob_gap,
+    vllm_trainer,
+    worker_versions,
+)
 
 pytestmark = pytest.mark.integration
-register_configs()
 
 COLLECTIVE = ["rollout.weight_sync=collective", "rollout.weight_sync_timeout_s=30"]
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    """An in-process Trainer over 2 vLLM actors, syncing by broadcast; lr large so a stale engine is obvious."""
-    from rltrain.prepare import prepare
-    from rltrain.runtime import Runtime
-    from rltrain.trainer import Trainer
-
-    tmp_path = tmp_path_factory.mktemp("weight_sync")
-    overrides = [
-        *SMALL_VLLM,
-        *COLLECTIVE,
-        "learner.lr=0.05",
-        "rollout.logprob_diff_error=0.2",
-        f"model.cache_dir={tmp_path / 'cache'}",
-        f"run.dir={tmp_path / 'run'}",
-    ]
-    with initialize_config_module(config_module="recipes", version_base="1.3"):
-        cfg = compose(config_name="quickstart", overrides=overrides)
-    prep = prepare(cfg)
-    runtime = Runtime(cfg, prep.model_path, total_optimizer_steps=10)
-    try:
-        yield Trainer(cfg, prep, runtime)
-    finally:
-        runtime.shutdown()
+    """2 vLLM actors syncing by broadcast; the large learning rate makes a stale engine obvious."""
+    with vllm_trainer(tmp_path_factory.mktemp("weight_sync"), *COLLECTIVE) as built:
+        yield built
 
 
 def test_a_step_syncs_by_broadcast_and_the_engines_match_the_learner(trainer):
