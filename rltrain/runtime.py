@@ -39,6 +39,12 @@ def resolve_weight_sync(mode: str, cluster_gpus: float, placement: str, tensor_p
     return "collective" if use_collective else "object_store"
 
 
+def _cluster_gpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0)
+
+
 def grader_options(reward_cfg: DictConfig) -> dict[str, Any]:
     return {
         "functions": OmegaConf.to_container(reward_cfg.functions, resolve=True),
@@ -122,6 +128,7 @@ class Runtime:
     def __init__(self, cfg: DictConfig, model_path: str, total_optimizer_steps: int):
         cpus_needed = plan_run_placement(cfg, cluster_gpus=0).totals()["CPU"]
         self.owns_ray = start_ray(cfg.cluster.mode, cfg.cluster.address, cfg.cluster.num_cpus, cpus_needed)
+        self.cluster_gpus = _cluster_gpus()
         self.placement_group, plan = self._reserve(cfg)
         # Colocated vLLM engines on GPU sleep (weights to CPU, KV cache freed) while the learner uses the device.
         self.sleeps = cfg.cluster.placement == "colocated" and plan.rollout[0].num_gpus > 0
@@ -151,7 +158,7 @@ class Runtime:
         )
         self.sync_cfg = cfg.rollout
         self.weight_sync = resolve_weight_sync(
-            cfg.rollout.weight_sync, self.cluster_gpus(), cfg.cluster.placement, cfg.rollout.tensor_parallel_size
+            cfg.rollout.weight_sync, self.cluster_gpus, cfg.cluster.placement, cfg.rollout.tensor_parallel_size
         )
         self.sync_fallbacks = 0
         self._sync_group_replacements: int | None = None  # rollout.replacements when the group was opened
@@ -159,7 +166,7 @@ class Runtime:
     def _reserve(self, cfg: DictConfig) -> tuple[Any, PlacementPlan]:
         """The run's placement group, or ConfigError (Ray stopped if this run started it) when the cluster
         has fewer GPUs than ``cluster.num_gpus`` or cannot hold the plan."""
-        gpus = self.cluster_gpus()
+        gpus = self.cluster_gpus
         try:
             if gpus < cfg.cluster.num_gpus:
                 raise RuntimeError(
@@ -205,12 +212,6 @@ class Runtime:
         self.set_rollout_awake(False)
         return self.learner.forward_extras(batch, extras_fn)
 
-    @staticmethod
-    def cluster_gpus() -> float:
-        import ray
-
-        return ray.cluster_resources().get("GPU", 0)
-
     def sync_weights(self, version: int) -> dict[str, float]:
         """Learner → rollout workers as policy ``version``; every worker must report it back. Returns metrics.
 
@@ -221,6 +222,7 @@ class Runtime:
         start = time.time()
         self.set_rollout_awake(True)
         metrics: dict[str, float] = {}
+        versions = None
         if self.weight_sync == "collective":
             try:
                 versions, sent = self._broadcast_weights(version)
@@ -229,9 +231,8 @@ class Runtime:
                 self.sync_fallbacks += 1
                 log.warning("collective weight sync of version %d failed (%s); using the object store", version, exc)
                 self._close_sync_group()
-                versions = self.rollout.load_weights(self.learner.export_weights_ref(), version)
             metrics["rollout/weight_sync_fallbacks"] = self.sync_fallbacks
-        else:
+        if versions is None:
             versions = self.rollout.load_weights(self.learner.export_weights_ref(), version)
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync: rollout workers report versions {versions}, expected {version}")
@@ -258,7 +259,7 @@ class Runtime:
         self._close_sync_group()
         sender = self.learner.sync_sender()
         address = ray.get(sender.weight_sync_address.remote())
-        backend = "nccl" if self.cluster_gpus() > 0 and self.learner_on_gpu() else "gloo"
+        backend = "nccl" if self.learner.use_gpu else "gloo"
         timeout = self.sync_cfg.weight_sync_timeout_s
         world_size = 1 + len(self.rollout.workers)
         ray.get(
@@ -267,9 +268,6 @@ class Runtime:
         )
         self._sync_group_replacements = self.rollout.replacements
         log.info("weight-sync group open: %d ranks over %s at %s:%d", world_size, backend, *address)
-
-    def learner_on_gpu(self) -> bool:
-        return bool(getattr(self.learner, "use_gpu", False))
 
     def _close_sync_group(self) -> None:
         import ray

@@ -85,9 +85,9 @@ class GenRequest:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"GenRequest.max_tokens must be >= 1 (or None), got {self.max_tokens}")
 
-    def token_budget(self, params: SamplingParams) -> int:
-        """Tokens this request may decode under ``params``."""
-        return params.max_tokens if self.max_tokens is None else min(self.max_tokens, params.max_tokens)
+    def token_budget(self, call_max_tokens: int) -> int:
+        """Tokens this request may decode in a call whose ``SamplingParams.max_tokens`` is ``call_max_tokens``."""
+        return call_max_tokens if self.max_tokens is None else min(self.max_tokens, call_max_tokens)
 
     @property
     def context_ids(self) -> tuple[int, ...]:

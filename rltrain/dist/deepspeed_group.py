@@ -136,7 +136,7 @@ class DeepSpeedLearnerGroup:
         placements: Sequence[dict] | None = None,
     ):
         """``placements[rank]``: Ray actor options of that rank (its placement-group bundle); None: one CPU each,
-        and one GPU each when the cluster has a GPU per rank."""
+        and one GPU each when the cluster has a GPU per rank. Ranks with GPUs talk over NCCL, else gloo."""
         import ray
 
         from rltrain.learner.deepspeed_learner import DeepSpeedLearner, deepspeed_config
@@ -157,18 +157,18 @@ class DeepSpeedLearnerGroup:
         self.zero_stage = int(rank_options["zero_stage"])
         self.micro_batch_size = int(rank_options["micro_batch_size"])
         self.use_reference = bool(rank_options.get("use_reference", False))
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= self.world_size
-        self.use_gpu = use_gpu
+        if placements is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= self.world_size else 0
+            placements = [{"num_cpus": 1, "num_gpus": gpus}] * self.world_size
+        self.use_gpu = placements[0]["num_gpus"] > 0
         remote = ray.remote(
             max_restarts=0,
             # Exported CPU tensors go into the object store without an in-memory pickled copy (see export_weights).
             runtime_env={"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}},
         )(DeepSpeedRankWorker)
-        if placements is None:
-            placements = [{"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}] * self.world_size
         self.workers = [remote.options(**placements[rank]).remote(threads) for rank in range(self.world_size)]
         master = self._gather([self.workers[0].rendezvous_address.remote()])[0]
-        backend = "nccl" if use_gpu else "gloo"
+        backend = "nccl" if self.use_gpu else "gloo"
         self._gather(
             [
                 worker.setup.remote(model_path, rank, self.world_size, master, backend, rank_options)

@@ -54,7 +54,7 @@ def balance_by_tokens(requests: Sequence[GenRequest], max_tokens: int, num_worke
         by_prompt.setdefault(request.prompt_ids, []).append(index)
     cost = {
         prompt: sum(
-            (len(requests[i].context_ids) + min(requests[i].max_tokens or max_tokens, max_tokens)) * requests[i].n
+            (len(requests[i].context_ids) + requests[i].token_budget(max_tokens)) * requests[i].n
             for i in indices
         )
         for prompt, indices in by_prompt.items()
@@ -89,14 +89,11 @@ def share_params(params: SamplingParams, slot: int) -> SamplingParams:
 class RolloutGroup:
     """N rollout workers with token-balanced data-parallel dispatch and worker replacement."""
 
-    def __init__(self, num_workers: int, worker_args: dict[str, Any], placements: Sequence[dict] | None = None):
-        """``placements[slot]``: Ray actor options of worker ``slot`` (its placement-group bundle); None: one
-        CPU each, and the engine's GPUs when the cluster has them."""
+    def __init__(self, num_workers: int, worker_args: dict[str, Any], placements: Sequence[dict]):
+        """``placements[slot]``: Ray actor options of worker ``slot`` (its placement-group bundle, see
+        rltrain/dist/placement.py)."""
         import ray
 
-        if placements is None:
-            gpus = rollout_gpus(worker_args["engine"], worker_args["options"], ray.cluster_resources().get("GPU", 0))
-            placements = [{"num_cpus": 1, "num_gpus": gpus}] * num_workers
         self._placements = list(placements)
         self._remote = ray.remote(max_restarts=0)(RolloutWorker)
         self._args = worker_args
@@ -217,12 +214,11 @@ class RolloutGroup:
             ray.kill(worker)
 
 
-def create_reward_worker(threads: int, grader_options: dict[str, Any], placement: dict | None = None):
-    """The reward actor, in ``placement`` (Ray actor options) or on one CPU."""
+def create_reward_worker(threads: int, grader_options: dict[str, Any], placement: dict):
+    """The reward actor, in ``placement`` (Ray actor options)."""
     import ray
 
-    options = placement or {"num_cpus": 1}
-    worker = ray.remote(RewardWorker).options(**options).remote(threads, grader_options)
+    worker = ray.remote(RewardWorker).options(**placement).remote(threads, grader_options)
     ray.get(worker.ready.remote())
     return worker
 
@@ -230,12 +226,13 @@ def create_reward_worker(threads: int, grader_options: dict[str, Any], placement
 class TorchLearnerGroup:
     """One torch learner actor. The DeepSpeed group (rltrain/dist/deepspeed_group.py) has the same methods."""
 
-    def __init__(self, threads: int, model_path: str, options: dict[str, Any], placement: dict | None = None):
-        """The learner actor, in ``placement`` (Ray actor options) or on one CPU."""
+    use_gpu = False  # the torch learner actor reserves no GPU
+
+    def __init__(self, threads: int, model_path: str, options: dict[str, Any], placement: dict):
+        """The learner actor, in ``placement`` (Ray actor options)."""
         import ray
 
-        actor_options = placement or {"num_cpus": 1}
-        self.actor = ray.remote(LearnerWorker).options(**actor_options).remote(threads, model_path, options)
+        self.actor = ray.remote(LearnerWorker).options(**placement).remote(threads, model_path, options)
         ray.get(self.actor.ready.remote())
 
     def logprobs(self, batch, reference: bool = False):

@@ -163,22 +163,34 @@ def drain(stream: Iterator) -> None:
         pass
 
 
-class WeightSender:
+class _SyncMember:
+    """An actor's membership of the sync group: its channel, opened and closed by the driver."""
+
+    sync_channel: SyncChannel | None = None
+
+    def _join(self, address: tuple[str, int], rank: int, world_size: int, backend: str, timeout_s: float) -> bool:
+        self.close_weight_sync()
+        self.sync_channel = SyncChannel(address, rank, world_size, backend, timeout_s)
+        return True
+
+    def close_weight_sync(self) -> None:
+        if self.sync_channel is not None:
+            self.sync_channel.close()
+            self.sync_channel = None
+
+
+class WeightSender(_SyncMember):
     """Learner-actor mixin (``self.learner`` has ``export_weights()``): rank 0 of the sync group.
 
     Every learner rank runs ``broadcast_weights``, because exporting is collective under ZeRO-3; only the
     rank that opened the group sends.
     """
 
-    sync_channel: SyncChannel | None = None
-
     def weight_sync_address(self) -> tuple[str, int]:
         return free_address()
 
     def open_weight_sync(self, address: tuple[str, int], world_size: int, backend: str, timeout_s: float) -> bool:
-        self.close_weight_sync()
-        self.sync_channel = SyncChannel(address, 0, world_size, backend, timeout_s)
-        return True
+        return self._join(address, 0, world_size, backend, timeout_s)
 
     def broadcast_weights(self, bucket_mb: int) -> dict[str, int]:
         weights = iter(self.learner.export_weights())
@@ -191,23 +203,14 @@ class WeightSender:
             drain(weights)  # finish the export's own collectives so the other learner ranks are not left waiting
             raise
 
-    def close_weight_sync(self) -> None:
-        if self.sync_channel is not None:
-            self.sync_channel.close()
-            self.sync_channel = None
 
-
-class WeightReceiver:
+class WeightReceiver(_SyncMember):
     """Rollout-actor mixin (``self.generator`` is a Generator): rank ``1 + slot`` of the sync group."""
-
-    sync_channel: SyncChannel | None = None
 
     def open_weight_sync(
         self, address: tuple[str, int], rank: int, world_size: int, backend: str, timeout_s: float
     ) -> bool:
-        self.close_weight_sync()
-        self.sync_channel = SyncChannel(address, rank, world_size, backend, timeout_s)
-        return True
+        return self._join(address, rank, world_size, backend, timeout_s)
 
     def receive_weights(self, version: int) -> int:
         """Load the broadcast weights as version ``version``; returns the engine's policy version."""
@@ -219,8 +222,3 @@ class WeightReceiver:
         finally:
             drain(stream)  # a load that failed part-way still receives the rest, so no peer blocks
         return self.generator.policy_version
-
-    def close_weight_sync(self) -> None:
-        if self.sync_channel is not None:
-            self.sync_channel.close()
-            self.sync_channel = None

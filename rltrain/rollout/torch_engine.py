@@ -52,7 +52,7 @@ class TorchGenerator:
         self._version = version
 
     def generate(self, requests: Sequence[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
-        if any(request.token_budget(params) != params.max_tokens for request in requests):
+        if any(request.token_budget(params.max_tokens) != params.max_tokens for request in requests):
             raise ValueError(
                 "the torch engine decodes every row of a call to params.max_tokens; a per-request max_tokens "
                 "below it (tree segments aligned to KV blocks) needs the vLLM engine"

@@ -171,13 +171,13 @@ class VLLMGenerator:
             raise RuntimeError(f"{self._partial_load_error}; load a complete set of weights before generating")
         if not requests:
             return []
-        self._check_lengths(requests)
+        self._check_lengths(len(request.context_ids) for request in requests)
         from vllm.inputs import TokensPrompt
 
         prompts, per_sample_params = [], []
         for request in requests:
             prompt = TokensPrompt(prompt_token_ids=list(request.context_ids))
-            request_params = dataclasses.replace(params, max_tokens=request.token_budget(params))
+            request_params = dataclasses.replace(params, max_tokens=request.token_budget(params.max_tokens))
             for _ in range(request.n):
                 seed = None if params.seed is None else params.seed + len(prompts)
                 prompts.append(prompt)
@@ -199,7 +199,7 @@ class VLLMGenerator:
             raise ValueError("score: every continuation needs at least one token")
         params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=[*context, *continuation]) for context, continuation in pairs]
-        self._check_lengths([GenRequest(tuple(prompt["prompt_token_ids"])) for prompt in prompts])
+        self._check_lengths(len(prompt["prompt_token_ids"]) for prompt in prompts)
         outputs = self._llm.generate(prompts, params, use_tqdm=False)
         scores = []
         for output, (context, continuation) in zip(outputs, pairs):
@@ -207,11 +207,11 @@ class VLLMGenerator:
             scores.append(tuple(position[token].logprob for position, token in zip(positions, continuation)))
         return scores
 
-    def _check_lengths(self, requests: Sequence[GenRequest]) -> None:
-        for index, request in enumerate(requests):
-            if len(request.context_ids) >= self.max_model_len:
+    def _check_lengths(self, context_lengths: Iterable[int]) -> None:
+        for index, length in enumerate(context_lengths):
+            if length >= self.max_model_len:
                 raise ValueError(
-                    f"request {index}: context has {len(request.context_ids)} tokens, but the engine's "
+                    f"request {index}: context has {length} tokens, but the engine's "
                     f"max_model_len is {self.max_model_len} (no room to generate)"
                 )
 

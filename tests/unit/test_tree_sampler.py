@@ -318,7 +318,7 @@ def test_with_kv_blocks_only_the_first_segment_is_lengthened():
     every continued context is k * 32 + 1 tokens long; the max_tokens cap shortens the last segment."""
 
     def script(request, k, max_tokens):
-        return [5] * request.token_budget(SamplingParams(max_tokens=max_tokens)), FinishReason.LENGTH
+        return [5] * request.token_budget(max_tokens), FinishReason.LENGTH
 
     engine = ScriptedGenerator(script)
     sampler = TreeSampler(engine.generate, segment_len=32, max_depth=3, width=2, branching=2, kv_block_size=32)
@@ -326,7 +326,7 @@ def test_with_kv_blocks_only_the_first_segment_is_lengthened():
     contexts = {len(r.context_ids) for requests, _ in engine.calls for r in requests if r.prefix_ids}
     assert contexts and all(length % 32 == 1 for length in contexts)
     # One call per round; a request whose budget is below the call's carries its own max_tokens.
-    budgets = [[r.token_budget(p) for r in requests] for requests, p in engine.calls]
+    budgets = [[r.token_budget(p.max_tokens) for r in requests] for requests, p in engine.calls]
     assert budgets == [[38, 32], [32, 32, 32, 32], [26, 26, 32, 32]]
     assert all(len(prefix) + len(result.token_ids) == 96 for prefix, result in zip(traj.prefixes, traj.results))
 
