@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rltrain.config import ConfigError, register_configs
+from rltrain.errors import RunError
 
 register_configs()
 log = logging.getLogger("rltrain")
@@ -38,10 +39,13 @@ def _run_guarded(fn, cfg: DictConfig) -> None:
     except FileNotFoundError as err:
         print(f"rltrain: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunError as err:
+        print(f"rltrain: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _train(cfg: DictConfig) -> None:
-    from rltrain.trainer import run
+    from rltrain.driver import run
 
     summary = run(cfg)
     print_summary(cfg, summary)
@@ -70,10 +74,10 @@ def _sft(cfg: DictConfig) -> None:
 
 def _eval(cfg: DictConfig) -> None:
     """Greedy held-out pass@1 of ``model.path`` (e.g. a checkpoint dir), written to <run.dir>/eval.json."""
+    from rltrain.components import sampling_params
     from rltrain.evaluation import evaluate
     from rltrain.prepare import prepare
     from rltrain.rollout.torch_engine import TorchGenerator
-    from rltrain.trainer import sampling_params
 
     prep = prepare(cfg, with_sft=False)
     generator = TorchGenerator.from_pretrained(prep.model_path, dtype=cfg.model.dtype, seed=cfg.run.seed)
@@ -87,7 +91,7 @@ def _eval(cfg: DictConfig) -> None:
             generator.generate,
             grader.grade,
             lambda ids: prep.tokenizer.decode(list(ids), skip_special_tokens=True),
-            sampling_params(cfg, prep, evaluation=True),
+            sampling_params(cfg.rollout, prep.stop_token_ids, evaluation=True),
             prep.primary_reward,
         )
     run_dir = os.path.expanduser(cfg.run.dir)

@@ -1,6 +1,6 @@
 """Run tracking: ``config.yaml``, ``metrics.jsonl``, a rich progress bar, W&B, and PNG plots at the end.
 
-The run directory is the durable record (DESIGN.md §4). ``metrics.jsonl`` holds one JSON object per ``log``
+The run directory is the durable record (docs/architecture.md). ``metrics.jsonl`` holds one JSON object per ``log``
 call, every line with ``step``; each line is written in one ``write`` and fsynced, so a crash can at worst leave
 one unterminated last line, which readers skip and the next ``Tracker`` drops. W&B is a mirror of the same
 metrics: it is optional, and any failure in it is warned about once and then ignored, never raised.

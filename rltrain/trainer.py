@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
 import random
 import time
 
@@ -20,25 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rltrain import algo
+from rltrain.components import build_loss_fn, sampling_params
 from rltrain.evaluation import correctness, evaluate
-from rltrain.prepare import Prepared, prepare
-from rltrain.runtime import Runtime, check_learner_checkpoint
+from rltrain.prepare import Prepared
+from rltrain.runtime import Runtime
 from rltrain.sampling.flat import FlatSampler
-from rltrain.types import FinishReason, RolloutBatch, SamplingParams, build_rollout_batch
+from rltrain.types import FinishReason, RolloutBatch, build_rollout_batch
 
 log = logging.getLogger(__name__)
-
-
-def sampling_params(cfg: DictConfig, prep: Prepared, *, evaluation: bool = False) -> SamplingParams:
-    rc = cfg.rollout
-    return SamplingParams(
-        temperature=rc.eval_temperature if evaluation else rc.temperature,
-        top_p=1.0 if evaluation else rc.top_p,
-        top_k=-1 if evaluation else rc.top_k,
-        max_tokens=rc.max_tokens,
-        stop_token_ids=prep.stop_token_ids,
-        stop_strings=tuple(rc.stop_strings),
-    )
 
 
 def rollout_seed(run_seed: int, stream_state: dict[str, int]) -> int:
@@ -68,23 +55,6 @@ def build_sampler(cfg: DictConfig, runtime: Runtime, decode):
     return FlatSampler(runtime.generate, cfg.rollout.n)
 
 
-def build_loss_fn(cfg: DictConfig):
-    ac = cfg.algorithm
-    return algo.make_loss_fn(
-        policy_loss=ac.policy_loss,
-        loss_agg=ac.loss_agg,
-        loss_agg_constant=ac.loss_agg_constant if ac.loss_agg_constant is not None else cfg.rollout.max_tokens,
-        clip_low=ac.clip_low,
-        clip_high=ac.clip_high,
-        clip_c=ac.clip_c,
-        tis_cap=ac.tis_cap,
-        entropy_coef=ac.entropy_coef,
-        kl_coef=0.0 if ac.kl_in_reward else ac.kl_coef,
-        kl_estimator=ac.kl_estimator,
-        thr=OmegaConf.to_container(ac.thr) or None,
-    )
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, prep: Prepared, runtime: Runtime):
         from rltrain.data.stream import PromptStream
@@ -92,7 +62,7 @@ class Trainer:
         self.cfg, self.prep, self.runtime = cfg, prep, runtime
         self.sampler = build_sampler(cfg, runtime, prep.tokenizer.decode)
         self.loss_fn = build_loss_fn(cfg)
-        self.params = sampling_params(cfg, prep)
+        self.params = sampling_params(cfg.rollout, prep.stop_token_ids)
         self.stream = PromptStream(
             [{"index": i} for i in range(len(prep.train_rows))], cfg.trainer.prompts_per_step, cfg.data.seed
         )
@@ -245,85 +215,6 @@ class Trainer:
             self.runtime.generate,
             self.runtime.grade,
             lambda ids: prep.tokenizer.decode(list(ids), skip_special_tokens=True),
-            sampling_params(self.cfg, prep, evaluation=True),
+            sampling_params(self.cfg.rollout, prep.stop_token_ids, evaluation=True),
             prep.primary_reward,
         )
-
-
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train per ``cfg``; returns the summary (held-out accuracy before and after)."""
-    from rltrain.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
-    from rltrain.tracking import Tracker
-
-    torch.manual_seed(cfg.run.seed)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)
-    prep = prepare(cfg)
-    run_dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
-    resume_from = None
-    if cfg.run.resume == "auto":
-        resume_from = latest_checkpoint(run_dir)
-    elif cfg.run.resume != "never":
-        resume_from = cfg.run.resume
-    if resume_from:
-        check_learner_checkpoint(cfg, resume_from)
-    total_optimizer_steps = cfg.trainer.steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches
-    runtime = Runtime(cfg, prep.model_path, total_optimizer_steps)
-    try:
-        trainer = Trainer(cfg, prep, runtime)
-        start_step = 0
-        summary: dict[str, float] = {}
-        if resume_from:
-            state = load_trainer_state(resume_from)
-            runtime.load(resume_from)
-            trainer.stream.load_state_dict(state["stream"])
-            trainer.next_group_id = state["next_group_id"]
-            summary = state.get("summary", {})
-            restore_rng(state["rng"])
-            start_step = state["step"]
-            runtime.sync_weights(start_step)
-            log.info("resumed from %s at step %d", resume_from, start_step)
-        tracker = Tracker(
-            run_dir,
-            OmegaConf.to_container(cfg, resolve=True),
-            total_steps=cfg.trainer.steps,
-            start_step=start_step,
-            progress=cfg.tracking.progress,
-            wandb=OmegaConf.to_container(cfg.tracking.wandb),
-            run_name=cfg.run.name,
-        )
-        return loop(cfg, trainer, tracker, run_dir, start_step, summary)
-    finally:
-        runtime.shutdown()
-
-
-def loop(cfg: DictConfig, trainer: Trainer, tracker, run_dir: str, start_step: int, summary: dict) -> dict:
-    from rltrain.checkpoint import capture_rng, save_checkpoint
-
-    tc = cfg.trainer
-    if start_step == 0 and tc.eval_before:
-        summary["eval/accuracy_before"] = trainer.evaluate()["eval/accuracy"]
-        tracker.log(0, {"eval/accuracy": summary["eval/accuracy_before"]})
-    for step in range(start_step + 1, tc.steps + 1):
-        metrics = trainer.step(step)
-        if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
-            metrics.update(trainer.evaluate())
-        if step == tc.steps:
-            final = trainer.evaluate()
-            metrics.update(final)
-            summary["eval/accuracy_after"] = final["eval/accuracy"]
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad:
-            log.warning("non-finite metrics at step %d: %s", step, bad)
-        tracker.log(step, metrics)
-        if step % tc.save_every == 0 or step == tc.steps:
-            state = {
-                "step": step,
-                "stream": trainer.stream.state_dict(),
-                "rng": capture_rng(),
-                "next_group_id": trainer.next_group_id,
-                "summary": dict(summary),
-            }
-            save_checkpoint(run_dir, step, trainer.runtime.save, state, keep=tc.keep_checkpoints)
-    tracker.finish(plots=cfg.tracking.plots)
-    return summary

@@ -161,7 +161,7 @@ def tree(
     eps: float = 1e-8,
     token_counts: Tensor | None = None,
 ) -> Tensor:
-    """TreePO (arXiv 2508.17445 §3.3, Eq. 4-7; ALGORITHMS.md §4.4): multi-level subgroup baseline; [B] -> [B].
+    """TreePO (arXiv 2508.17445 §3.3, Eq. 4-7; docs/algorithms.md): multi-level subgroup baseline; [B] -> [B].
 
     Levels of leaf i: its root group (always) and each ancestor segment whose subgroup (leaves through it)
     has > 1 member. Contribution per level: R_i - mean(subgroup); a size-1 root group has mean 0.

@@ -1,4 +1,4 @@
-"""DAPO dynamic sampling (arXiv 2503.14476 §3.2; verl ``recipe/dapo`` loop, ALGORITHMS.md §2.3).
+"""DAPO dynamic sampling (arXiv 2503.14476 §3.2; verl ``recipe/dapo`` loop, docs/algorithms.md).
 
 One ``GroupFilter`` per training step::
 

@@ -1,8 +1,8 @@
-"""THR — Token Hidden Reward token reweighting for GRPO (arXiv 2510.03669; ALGORITHMS.md §6).
+"""THR — Token Hidden Reward token reweighting for GRPO (arXiv 2510.03669; docs/algorithms.md).
 
 RECONSTRUCTED: the THR paper body was not available. The influence term follows the NTHR paper (same
 authors, exact); the THR score, its threshold and the reweighting form are a reconstruction from the THR
-abstract and reviews (ALGORITHMS.md §6.3). Check §3-4 of arXiv 2510.03669 before relying on the exact
+abstract and reviews (docs/algorithms.md). Check §3-4 of arXiv 2510.03669 before relying on the exact
 normalisation.
 
 For token k of response i (old policy): final hidden state h_{i,k} [H], prediction error

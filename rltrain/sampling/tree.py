@@ -1,4 +1,4 @@
-"""Tree-segment bookkeeping for TreePO sampling (arXiv 2508.17445; ALGORITHMS.md §4.2): pure Python, no engine.
+"""Tree-segment bookkeeping for TreePO sampling (arXiv 2508.17445; docs/algorithms.md): pure Python, no engine.
 
 A tree per prompt. Its root is the prompt; every other node is one generated *segment* of at most ``l``
 tokens, named by an integer id that is unique across every tree a ``SegmentTree`` (and a sampler reusing
@@ -15,7 +15,7 @@ so that a prompt's in-flight + finished paths never exceed ``w``, the tree grows
 it holds ``w`` paths, and the budget of paths that just ended moves to live ones ("budget transfer"). A
 prompt left with no live path and fewer than ``w`` leaves restarts from a finished path that ended with
 STOP (EOS, stop string or answer), cut at a random segment boundary or at a high-surprisal token
-("fallback"; CURE-style critical-token branching, ALGORITHMS.md §5.1), or from the root when there is
+("fallback"; CURE-style critical-token branching, docs/algorithms.md), or from the root when there is
 none. Every prompt therefore ends with exactly ``w`` leaves.
 """
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class TreeSampler:
     """``width`` finished trajectories per prompt, grown as trees of ``segment_len``-token segments.
 
-    Settings (ALGORITHMS.md §4.1): ``segment_len`` l, ``max_depth`` d, ``width`` w, ``branching`` b;
+    Settings (docs/algorithms.md): ``segment_len`` l, ``max_depth`` d, ``width`` w, ``branching`` b;
     ``init_divergence_min/max``: children of the root, fixed (max = -1) or uniform in [min, max] per prompt
     (-1 = b); ``divergence_policy`` even | logprob | entropy with ``divergence_temperature``; ``fallback``
     restarts a prompt from a finished STOP path (False: from the root), cut at a segment boundary

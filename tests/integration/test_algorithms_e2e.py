@@ -56,7 +56,7 @@ def small_config(tmp_path, *overrides: str):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_algorithm_runs_two_steps(tmp_path, shared_ray, algorithm):
-    from rltrain.trainer import run
+    from rltrain.driver import run
 
     extra = ["learner.use_reference=true"] if algorithm.endswith("_kl") else []
     if algorithm == "tree":

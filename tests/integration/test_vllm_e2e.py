@@ -70,11 +70,11 @@ def worker_versions(runtime) -> list[int]:
 
 def greedy_batch(trainer):
     """Greedy continuations of 8 held-out prompts, spread over both workers, as a RolloutBatch."""
-    from rltrain.trainer import sampling_params
+    from rltrain.components import sampling_params
     from rltrain.types import GenRequest
 
     prompts = trainer.prep.eval_prompts[:8]
-    params = sampling_params(trainer.cfg, trainer.prep, evaluation=True)
+    params = sampling_params(trainer.cfg.rollout, trainer.prep.stop_token_ids, evaluation=True)
     results = trainer.runtime.generate([GenRequest(tuple(p)) for p in prompts], params)
     return build_rollout_batch(prompts, [group[0] for group in results], list(range(len(prompts))), 0)
 
