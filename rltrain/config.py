@@ -134,6 +134,9 @@ class RewardConfig:
     memory_mb: int = 1024
     on_error: float = 0.0  # reward of a sample whose grader raised, hung, crashed or returned non-finite
     batch_size: int = 64
+    # A grading call whose failed fraction (errors, timeouts, crashes, non-finite) exceeds this stops the run
+    # with the first failure's message (exit 1); 1.0 never stops.
+    max_error_frac: float = 0.5
 
 
 @dataclass
@@ -172,7 +175,7 @@ class LearnerConfig:
     adam_eps: float = 1e-8
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine | linear
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # global gradient-norm clip; 0 or null: no clipping (every backend)
     micro_batch_size: int = 16
     world_size: int = 1
     zero_stage: int = 1
@@ -190,7 +193,9 @@ class TrainerConfig:
     eval_before: bool = True
     save_every: int = 10
     keep_checkpoints: int = 2
-    log_every: int = 1
+    # An update whose loss or gradient is not finite is always skipped (weights never become NaN) and counted
+    # in loss/nonfinite_skipped; skip: the run goes on | stop: the run stops with an error (exit 1).
+    on_nonfinite: str = "skip"
 
 
 @dataclass
