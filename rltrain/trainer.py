@@ -68,6 +68,16 @@ class Trainer:
         )
         self.next_group_id = 0
 
+    # ---- checkpoint state ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The loop's resumable position, plain types only: the prompt stream and the next group id."""
+        return {"stream": self.stream.state_dict(), "next_group_id": self.next_group_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict()`` (also accepts a whole checkpoint state holding those keys)."""
+        self.stream.load_state_dict(state["stream"])
+        self.next_group_id = int(state["next_group_id"])
+
     # ---- rollout ----------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """One generation batch from the prompt stream: sampled, graded, overlong-shaped."""
