@@ -79,7 +79,7 @@ def whiten(values: Tensor, weights: Tensor | None = None, eps: float = 1e-8) -> 
     return (values - mean) * torch.rsqrt(var + eps)
 
 
-@register("advantage", "grpo")
+@register("advantage", "grpo", min_group_size=2)
 def grpo(
     rewards: Tensor, group: Tensor, ancestors: Tensor | None = None, *, eps: float = 1e-6, unbiased: bool = True
 ) -> Tensor:
@@ -96,14 +96,14 @@ def grpo(
     return torch.where(constant, torch.zeros_like(centred), centred / (std + eps))
 
 
-@register("advantage", "dr_grpo")
+@register("advantage", "dr_grpo", min_group_size=2)
 def dr_grpo(rewards: Tensor, group: Tensor, ancestors: Tensor | None = None) -> Tensor:
     """Dr.GRPO (arXiv 2503.20783): R - mean_g, no std division; [B] -> [B]."""
     _check_inputs(rewards, group, ancestors)
     return _group_centred(rewards, group)[0]
 
 
-@register("advantage", "rloo")
+@register("advantage", "rloo", min_group_size=2)
 def rloo(rewards: Tensor, group: Tensor, ancestors: Tensor | None = None) -> Tensor:
     """RLOO leave-one-out baseline: R_i - mean_{j != i} R_j = G/(G-1) (R_i - mean_g); [B] -> [B]."""
     _check_inputs(rewards, group, ancestors)
@@ -149,7 +149,7 @@ def _check_tree(ancestors: Tensor, group: Tensor) -> None:
         raise ValueError("ancestors is not a tree: a segment id of a prompt group appears with two different parents")
 
 
-@register("advantage", "tree")
+@register("advantage", "tree", min_group_size=2)
 def tree(
     rewards: Tensor,
     group: Tensor,
