@@ -2,8 +2,9 @@
 
 Every loader returns rows with at least ``"prompt"`` and ``"answer"`` (mapped from ``data.prompt_key`` /
 ``data.answer_key``), ``"task"`` and ``"id"``; other fields are kept (graders receive them as keyword fields).
-A row missing a key, or a line that is not JSON, raises ``DataError`` naming ``file:line`` and the key:
-bad data fails the run before anything starts instead of being silently dropped.
+A row missing a key, a line that is not JSON or bytes that are not UTF-8 raise ``DataError`` naming ``file:line``
+(``file:row N`` for parquet) and what is wrong: bad data fails the run before anything starts instead of being
+silently dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -29,16 +30,34 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _not_utf8(exc: UnicodeDecodeError, position: str) -> str:
+    """``"not UTF-8 (byte 0xff at <position>)"`` for the first byte that does not decode."""
+    return f"not UTF-8 (byte 0x{exc.object[exc.start]:02x} at {position})"
+
+
+def _read_utf8(path: str) -> str:
+    """The text of ``path`` (a leading byte-order mark dropped); bytes that are not UTF-8 raise ``DataError``
+    naming ``file:line`` and the byte's column (1-based, counted in bytes)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raw = exc.object  # the bytes after any byte-order mark: what exc.start counts in
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise DataError(f"{path}:{line}: {_not_utf8(exc, f'column {column}')}; save the file as UTF-8") from exc
+
+
 def _iter_json_rows(path: str) -> Iterator[tuple[str, Any]]:
     """(``"file:line"``, record) for a JSON-lines file, or (``"file:row N"``, record) for a file holding one JSON
     array (as the MATH-500 / AIME ``*.json`` files do). Blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_utf8(path)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON array ({exc.msg})") from exc
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON array ({exc.msg} at column {exc.colno})") from exc
         yield from ((f"{path}:row {i + 1}", record) for i, record in enumerate(records))
         return
     for line_number, line in enumerate(text.splitlines(), start=1):
@@ -47,7 +66,21 @@ def _iter_json_rows(path: str) -> Iterator[tuple[str, Any]]:
         try:
             yield f"{path}:{line_number}", json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_number}: not a JSON object ({exc.msg})") from exc
+            raise DataError(f"{path}:{line_number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+
+
+def _raise_non_utf8(table: Any, path: str, error: UnicodeDecodeError) -> NoReturn:
+    """Raise ``DataError`` for the first (column, row) of ``table`` whose text is not UTF-8 (pyarrow reads such a
+    file; only converting the value fails), or ``error`` itself if no single value fails."""
+    for name in table.column_names:
+        column = table.column(name)
+        for i in range(len(column)):
+            try:
+                column[i].as_py()
+            except UnicodeDecodeError as exc:
+                where = f"{path}:row {i + 1}: column {name!r}"
+                raise DataError(f"{where} is {_not_utf8(exc, f'offset {exc.start} of the value')}") from exc
+    raise error
 
 
 def _iter_parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
@@ -57,7 +90,11 @@ def _iter_parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt or non-parquet file
         raise DataError(f"{path}: cannot read as parquet ({type(exc).__name__}: {exc})") from exc
-    yield from ((f"{path}:row {i + 1}", record) for i, record in enumerate(table.to_pylist()))
+    try:
+        records = table.to_pylist()
+    except UnicodeDecodeError as exc:
+        _raise_non_utf8(table, path, exc)
+    yield from ((f"{path}:row {i + 1}", record) for i, record in enumerate(records))
 
 
 def _iter_hf_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:

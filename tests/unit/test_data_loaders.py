@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import sys
 import types
 
@@ -76,11 +77,53 @@ def test_missing_key_names_file_line_and_key(tmp_path):
 def test_bad_json_line_and_bad_prompt_type(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"prompt": "a", "answer": 1}\n\n{"prompt": "b", "answer":\n')
-    with pytest.raises(DataError, match=rf"{path}:3: not a JSON object"):
+    with pytest.raises(DataError, match=rf"^{path}:3: invalid JSON \(Expecting value at column 26\)$"):
         load_task_data(_cfg(task="jsonl", path=str(path), num_eval=1))
     path = _write_jsonl(tmp_path / "int_prompt.jsonl", [{"prompt": 5, "answer": 1}] * 3)
     with pytest.raises(DataError, match=rf"{path}:1: 'prompt' must be a string"):
         load_task_data(_cfg(task="jsonl", path=path, num_eval=1))
+
+
+def test_bad_json_array_names_its_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"prompt": "a", "answer": 1},\n  {"prompt": "b" "answer": 2}\n]\n')
+    with pytest.raises(DataError, match=rf"^{path}:3: invalid JSON array \(Expecting ',' delimiter at column 18\)$"):
+        load_task_data(_cfg(task="jsonl", path=str(path), num_eval=1))
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_non_utf8_bytes_name_file_line_byte_and_column(tmp_path, suffix):
+    path = tmp_path / f"latin1.{suffix}"
+    lines = ['{"prompt": "a", "answer": 1},', '{"prompt": "caf\xe9", "answer": 2}']
+    text = "[\n" + "\n".join(lines) + "\n]\n" if suffix == "json" else "\n".join(lines) + "\n"
+    path.write_bytes(text.encode("latin-1"))
+    line = 3 if suffix == "json" else 2
+    message = rf"^{path}:{line}: not UTF-8 \(byte 0xe9 at column 16\); save the file as UTF-8$"
+    with pytest.raises(DataError, match=message) as raised:
+        load_task_data(_cfg(task="jsonl", path=str(path), num_eval=1))
+    assert isinstance(raised.value, ConfigError)  # the CLI reports it as a config error (exit 2)
+
+
+def test_utf8_byte_order_mark_is_accepted_and_not_counted_in_columns(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "answer": 1}\n{"prompt": "b", "answer": 2}\n')
+    train, held_out = load_task_data(_cfg(task="jsonl", path=str(path), num_eval=1))
+    assert [row["prompt"] for row in train + held_out] == ["a", "b"]
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:1: not UTF-8 \(byte 0xff at column 13\)"):
+        load_task_data(_cfg(task="jsonl", path=str(path), num_eval=1))
+
+
+def test_parquet_text_that_is_not_utf8_names_row_and_column(tmp_path):
+    """pyarrow writes and reads such a file without checking; only converting the value fails."""
+    values = b"abc" + b"q\xff?" + b"xy"
+    offsets = pa.py_buffer(struct.pack("<4i", 0, 3, 6, 8))
+    prompts = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(values)])
+    path = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"prompt": prompts, "answer": ["1", "2", "3"]}), path)
+    message = rf"^{path}:row 2: column 'prompt' is not UTF-8 \(byte 0xff at offset 1 of the value\)$"
+    with pytest.raises(DataError, match=message):
+        load_task_data(_cfg(task="parquet", path=path, num_eval=1))
 
 
 def test_missing_file_and_too_few_rows(tmp_path):
