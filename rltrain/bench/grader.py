@@ -25,10 +25,8 @@ from typing import Any
 from rltrain.bench.report import emit, machine_info
 from rltrain.grading import RewardGrader
 
-_DATA_CANDIDATES = (
-    Path(__file__).resolve().parents[2] / "tests" / "data" / "math500_test.json",
-    Path(__file__).resolve().parents[3] / "shared" / "data" / "math500_test.json",
-)
+# The repository's copy (origin and licence in tests/data/README.md); an installed wheel has none: use --data.
+MATH500_PATH = Path(__file__).resolve().parents[2] / "tests" / "data" / "math500_test.json"
 _REASONING = (
     "Let us set up the problem. We write $a_n = 2a_{n-1} + 1$ and check small cases: $a_1 = 1$, $a_2 = 3$, "
     "$a_3 = 7$. By induction $a_n = 2^n - 1$, since $2(2^{n-1} - 1) + 1 = 2^n - 1$. Next we bound the sum "
@@ -59,10 +57,10 @@ def load_golds(workload: str, data: str | None, rng: random.Random) -> list[str]
     """Ground-truth answers: MATH-500's, or random integers for ``numeric``."""
     if workload == "numeric":
         return [str(rng.randint(1, 100_000)) for _ in range(500)]
-    paths = [Path(data)] if data else [path for path in _DATA_CANDIDATES if path.is_file()]
-    if not paths or not paths[0].is_file():
-        raise SystemExit(f"MATH-500 data not found (tried {[str(p) for p in paths or _DATA_CANDIDATES]}); use --data")
-    with open(paths[0], encoding="utf-8") as file:
+    path = Path(data) if data else MATH500_PATH
+    if not path.is_file():
+        raise SystemExit(f"MATH-500 data not found at {path}; use --data")
+    with open(path, encoding="utf-8") as file:
         return [row["answer"] for row in json.load(file)]
 
 

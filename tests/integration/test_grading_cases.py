@@ -1,6 +1,6 @@
 """Answer-equivalence agreement: public Math-Verify cases, and GSM8K / MATH-500 gold answers.
 
-Data: tests/data copies (with licences) of ../shared/data files, so these run on a fresh clone.
+Data: tests/data (each file's origin and licence in tests/data/README.md), so these run on a fresh clone.
 """
 
 import json
@@ -13,7 +13,6 @@ from rewards import math as math_grader
 
 pytestmark = pytest.mark.integration
 DATA = Path(__file__).resolve().parents[1] / "data"
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 MATH_VERIFY_GRADER = "math_verify (parse gold & pred, verify(gold, pred))"
 # Disagreements kept on purpose, by case id, each explained in docs/rewards.md. Empty: none kept.
 KNOWN_DISAGREEMENTS: dict[int, str] = {}
@@ -52,8 +51,14 @@ def _math500_answers() -> list[str]:
     return [row["answer"] for row in json.loads((DATA / "math500_test.json").read_text())]
 
 
+def _gsm8k_solutions() -> list[str]:
+    """The 1,319 GSM8K test solutions, each ending in its '#### n' line."""
+    return [json.loads(line)["answer"] for line in (DATA / "gsm8k_test.jsonl").read_text().splitlines()]
+
+
 def _gsm8k_answers() -> list[str]:
-    return json.loads((DATA / "gsm8k_test_answers.json").read_text())
+    """The number after '####' as written (thousands separators kept: '2,125')."""
+    return [solution.rsplit("####", 1)[1].strip() for solution in _gsm8k_solutions()]
 
 
 def _check_gold(answers: list[str], grade) -> None:
@@ -81,11 +86,9 @@ def test_gsm8k_gold_answers(grader):
 
 def test_gsm8k_full_solutions_as_ground_truth():
     """The whole GSM8K solution as the ground truth (its '#### n' line is the answer)."""
-    path = SHARED / "gsm8k_test.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (the tests/data answer list covers the acceptance check)")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    answers = [row["answer"].rsplit("####", 1)[1].strip().replace(",", "") for row in rows]
+    solutions = _gsm8k_solutions()
+    answers = [answer.replace(",", "") for answer in _gsm8k_answers()]
+    assert len(solutions) == 1319
     for grader in (gsm8k, math_grader):
-        scores = [grader.score(f"\\boxed{{{a}}}", row["answer"])["score"] for a, row in zip(answers, rows)]
-        assert scores.count(1.0) == len(rows)
+        scores = [grader.score(f"\\boxed{{{a}}}", solution)["score"] for a, solution in zip(answers, solutions)]
+        assert scores.count(1.0) == len(solutions)
