@@ -1,17 +1,20 @@
-"""Outcome advantage estimators: rewards [B] -> one scalar per trajectory [B].
+"""Outcome advantage estimators: rewards [B] -> one scalar per trajectory [B] (or per token [B,T]).
 
-Every estimator has the registry signature ``fn(rewards, group, ancestors=None, **params) -> Tensor[B]``.
-``group[b]`` is the prompt id of trajectory b (any integers; only equality matters) and
-``ancestors[b, d]`` is the id of the depth-d tree segment leaf b passes through (-1 past the leaf).
-All statistics are computed with scatter/index ops, never a Python loop over trajectories.
+Every estimator has the registry signature ``fn(rewards, group, ancestors=None, **params) -> Tensor``, [B]
+(broadcast over the response) or [B,T] (per token). ``group[b]`` is the prompt id of trajectory b (any
+integers; only equality matters) and ``ancestors[b, d]`` is the id of the depth-d tree segment leaf b passes
+through (-1 past the leaf). All statistics are computed with scatter/index ops, never a Python loop over
+trajectories.
 
 Conventions shared by the group-centred estimators (GRPO, Dr.GRPO, RLOO), following verl:
 - a group of size 1 has mean 0 (and std 1 for GRPO), so its advantage is its reward;
 - a group of size > 1 whose rewards are all equal gets exactly 0 (not float noise / eps).
 
-Estimators that whiten over the batch accept ``token_counts [B]`` (response tokens per trajectory):
-whitening is then token-weighted, identical to verl's ``masked_whiten`` of the broadcast advantage.
-``advantages_for_batch`` fills it from ``response_mask``.
+Keyword options filled from the batch by ``advantages_for_batch`` (never from the config), when the
+estimator accepts them: ``token_counts [B]`` (response tokens per trajectory: whitening is then
+token-weighted, identical to verl's ``masked_whiten`` of the broadcast advantage), ``response_mask [B,T]``
+and ``kl_penalty [B,T]`` (the per-token KL-in-reward penalty, or None). An estimator without
+``kl_penalty`` gets the KL folded into its sequence reward instead: R - sum_t kl_penalty_t (docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from torch import Tensor
 from rltrain.algo.registry import get, register
 from rltrain.types import RolloutBatch
 
-_BATCH_PARAMS = ("token_counts",)  # filled from the batch by advantages_for_batch, never from the config
+# filled from the batch by advantages_for_batch, never from the config
+_BATCH_PARAMS = ("token_counts", "response_mask", "kl_penalty")
 
 
 def _check_inputs(rewards: Tensor, group: Tensor, ancestors: Tensor | None) -> None:
@@ -63,10 +67,10 @@ def _group_centred(rewards: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 def whiten(values: Tensor, weights: Tensor | None = None, eps: float = 1e-8) -> Tensor:
-    """(values - mean) / sqrt(var + eps) over the batch; values, weights [B] -> [B].
+    """(values - mean) / sqrt(var + eps) over the batch; values, weights of one shape ([B] or [B,T]) -> same.
 
-    With ``weights`` (token counts) this equals verl ``masked_whiten`` of the values broadcast over
-    tokens: weighted mean, Bessel-corrected weighted variance (n = total weight).
+    With ``weights`` (token counts [B], or the response mask [B,T]) this equals verl ``masked_whiten``
+    over the response tokens: weighted mean, Bessel-corrected weighted variance (n = total weight).
     """
     w = torch.ones_like(values) if weights is None else weights.to(values.dtype)
     total = w.sum()
@@ -120,12 +124,31 @@ def reinforce_pp(
     group_baseline: bool = False,
     eps: float = 1e-8,
     token_counts: Tensor | None = None,
+    response_mask: Tensor | None = None,
+    kl_penalty: Tensor | None = None,
 ) -> Tensor:
-    """REINFORCE++ (outcome reward, gamma = 1): batch-whitened R; [B] -> [B].
+    """REINFORCE++ (arXiv 2501.03262, gamma = 1): batch-whitened returns; [B] -> [B], or [B,T] with a KL penalty.
 
-    ``group_baseline=True`` subtracts the group mean first (verl ``reinforce_plus_plus_baseline``).
+    Without ``kl_penalty``: whiten(R), token-weighted with ``token_counts``; [B].
+    With ``kl_penalty`` [B,T] (beta * KL_t on response tokens, KL in the reward): the token rewards are
+    r_t = R * 1[t = last] - beta * KL_t, so the return-to-go is G_t = R - beta * sum_{i >= t} KL_i, whitened
+    over the batch's response tokens (``response_mask`` [B,T]; verl ``compute_reinforce_plus_plus_outcome_
+    advantage``); [B,T], 0 past the response.
+    ``group_baseline=True`` (verl ``reinforce_plus_plus_baseline``): the sequence score R - beta * sum_t KL_t
+    minus its group mean, then whitened; [B].
     """
     _check_inputs(rewards, group, ancestors)
+    if kl_penalty is not None:
+        if response_mask is None or kl_penalty.shape != response_mask.shape or kl_penalty.shape[0] != len(rewards):
+            raise ValueError(
+                f"kl_penalty {tuple(kl_penalty.shape)} needs a response_mask of the same shape [B={len(rewards)},T]"
+            )
+        mask = response_mask.to(rewards.dtype)
+        if group_baseline:
+            rewards = rewards - (kl_penalty * mask).sum(dim=1)
+        else:
+            tail_kl = (kl_penalty * mask).flip(-1).cumsum(-1).flip(-1)  # sum_{i >= t} beta * KL_i
+            return whiten((rewards[:, None] - tail_kl) * mask, mask, eps) * mask
     values = _group_centred(rewards, group)[0] if group_baseline else rewards
     return whiten(values, token_counts, eps)
 
@@ -199,10 +222,15 @@ def tree(
     return whiten(advantages, token_counts, eps) if whiten_batch else advantages
 
 
-def advantages_for_batch(batch: RolloutBatch, name: str, params: dict[str, Any]) -> Tensor:
-    """Token advantages [B,T] of the registered estimator ``name``: its [B] scalar broadcast over response
-    tokens, 0 where ``response_mask`` is 0. ``params`` are the estimator's keyword options
-    (``algorithm.advantage_params``); ``token_counts`` is filled from the batch for whitening estimators.
+def advantages_for_batch(
+    batch: RolloutBatch, name: str, params: dict[str, Any], kl_penalty: Tensor | None = None
+) -> Tensor:
+    """Token advantages [B,T] of the registered estimator ``name``, 0 where ``response_mask`` is 0: its [B]
+    scalar broadcast over response tokens, or its [B,T] values as they are.
+
+    ``params`` are the estimator's keyword options (``algorithm.advantage_params``). ``kl_penalty`` [B,T]
+    (KL in the reward, ``algo.kl_token_penalty``) goes to an estimator that accepts it (per-token returns);
+    any other gets ``rewards - kl_penalty.sum(1)``, the KL folded into its sequence reward.
     """
     fn = get("advantage", name)
     if batch.rewards is None:
@@ -213,9 +241,15 @@ def advantages_for_batch(batch: RolloutBatch, name: str, params: dict[str, Any])
         options = sorted(accepted - set(_BATCH_PARAMS))
         raise ValueError(f"advantage {name!r}: unknown parameter(s) {unknown}; accepted: {options}")
     kwargs = dict(params)
-    if "token_counts" in accepted:
-        kwargs["token_counts"] = batch.response_mask.sum(dim=1)
-    scalar = fn(batch.rewards, batch.group, batch.ancestors, **kwargs)
-    if scalar.shape != (batch.batch_size,) or not torch.isfinite(scalar).all():
-        raise ValueError(f"advantage {name!r} returned a non-finite or mis-shaped tensor {tuple(scalar.shape)}")
-    return scalar[:, None] * batch.response_mask
+    from_batch = {"token_counts": batch.response_mask.sum(dim=1), "response_mask": batch.response_mask}
+    kwargs.update({key: value for key, value in from_batch.items() if key in accepted})
+    rewards = batch.rewards
+    if "kl_penalty" in accepted:
+        kwargs["kl_penalty"] = kl_penalty
+    elif kl_penalty is not None:
+        rewards = rewards - (kl_penalty * batch.response_mask).sum(dim=1)
+    values = fn(rewards, batch.group, batch.ancestors, **kwargs)
+    shape = tuple(values.shape)
+    if shape not in ((batch.batch_size,), tuple(batch.response_mask.shape)) or not torch.isfinite(values).all():
+        raise ValueError(f"advantage {name!r} returned a non-finite or mis-shaped tensor {shape}")
+    return (values[:, None] if values.dim() == 1 else values) * batch.response_mask

@@ -23,13 +23,15 @@ import torch
 from torch import Tensor
 
 from rltrain.algo.filters import nonconstant_group_mask
+from rltrain.errors import RunError
 from rltrain.types import RolloutBatch
 
 SOURCE_GROUP_KEY = "filter/source_group"
 
 
-class DynamicSamplingError(RuntimeError):
-    """Too few groups with a non-constant metric after ``max_gen_batches`` generation batches."""
+class DynamicSamplingError(RunError):
+    """Too few groups with a non-constant metric after ``max_gen_batches`` generation batches (the CLI prints
+    the message and exits 1)."""
 
 
 class GroupFilter:

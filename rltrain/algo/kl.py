@@ -55,16 +55,22 @@ def k3_plus(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return _straight_through(k3(logprobs, ref_logprobs), logprobs, ref_logprobs)
 
 
+def kl_token_penalty(batch: RolloutBatch, coef: float, estimator: str = "k1") -> Tensor:
+    """Per-token KL penalty [B,T] = coef * mask * kl(old_logprobs, ref_logprobs), no grad.
+
+    The token-level rewards of KL-in-reward (``algorithm.kl_in_reward``; verl ``apply_kl_penalty``) are
+    ``-kl_token_penalty`` at every response token plus the outcome reward at the last one.
+    """
+    if batch.old_logprobs is None or batch.ref_logprobs is None:
+        raise ValueError("the KL penalty needs batch.old_logprobs and batch.ref_logprobs (learner.use_reference=true)")
+    per_token = get("kl", estimator)(batch.old_logprobs.detach(), batch.ref_logprobs.detach())
+    return coef * per_token * batch.response_mask
+
+
 def kl_reward_penalty(batch: RolloutBatch, coef: float, estimator: str = "k1") -> Tensor:
     """Per-trajectory KL penalty [B] = coef * sum_t mask * kl(old_logprobs, ref_logprobs), no grad.
 
-    KL folded into the reward (``algorithm.kl_in_reward``; verl ``use_kl_in_reward``): with an outcome
-    reward and gamma = 1 the per-token penalty sums to this scalar, so the trainer uses
-    ``rewards - kl_reward_penalty(batch, coef, estimator)`` before computing advantages.
+    The sequence sum of ``kl_token_penalty``: what a sequence-level estimator (GRPO, RLOO, ...) subtracts
+    from the outcome reward under KL-in-reward, as verl sums its token-level rewards into one score.
     """
-    if batch.old_logprobs is None or batch.ref_logprobs is None:
-        raise ValueError(
-            "kl_reward_penalty needs batch.old_logprobs and batch.ref_logprobs (learner.use_reference=true)"
-        )
-    per_token = get("kl", estimator)(batch.old_logprobs.detach(), batch.ref_logprobs.detach())
-    return coef * (per_token * batch.response_mask).sum(dim=1)
+    return kl_token_penalty(batch, coef, estimator).sum(dim=1)

@@ -84,12 +84,22 @@ def gspo(
 
     log s_{i,t} = sg[mean_t (logp - logp_old)] + logp - sg[logp], clamped at 10; the value of s_{i,t} is the
     sequence ratio s_i, its gradient flows through each token (identical to GSPO when A_{i,t} = A_i).
+    GSPO has no dual clip: a ``clip_c`` raises ValueError.
     """
+    _refuse_dual_clip("gspo", clip_c)
     lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1)
     seq_log_ratio = ((logprobs - old_logprobs) * mask).sum(dim=-1, keepdim=True) / lengths
     log_ratio = seq_log_ratio.detach() + logprobs - logprobs.detach()
     ratio = log_ratio.clamp(max=_GSPO_LOG_RATIO_MAX).exp()
-    return clipped_surrogate(ratio, advantages, clip_low, clip_high, clip_c)
+    return clipped_surrogate(ratio, advantages, clip_low, clip_high, None)
+
+
+def _refuse_dual_clip(policy_loss: str, clip_c: float | None) -> None:
+    if clip_c is not None:
+        raise ValueError(
+            f"clip_c={clip_c}: {policy_loss} has no dual clip (its sequence ratio is clipped as a whole); "
+            "set algorithm.clip_c=null"
+        )
 
 
 def tis_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, cap: float) -> tuple[Tensor, Tensor]:
@@ -207,6 +217,8 @@ def make_loss_fn(
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     if clip_c is not None and clip_c <= 1:
         raise ValueError(f"clip_c (dual clip) must be > 1, got {clip_c}")
+    if policy_loss == "gspo":
+        _refuse_dual_clip(policy_loss, clip_c)
     if tis_cap is not None and tis_cap <= 0:
         raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
     if loss_agg == "seq_mean_token_sum_norm" and (loss_agg_constant is None or loss_agg_constant <= 0):

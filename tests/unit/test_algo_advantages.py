@@ -222,6 +222,29 @@ def test_advantages_for_batch_passes_token_counts_for_whitening():
     assert tree_out.shape == (4, 3) and float(tree_out[0, 1]) == 0.0
 
 
+def test_reinforce_pp_kl_in_reward_gives_per_token_returns_to_go():
+    """REINFORCE++ (arXiv 2501.03262 Eq. 8-10): A_t = R - beta * sum_{i>=t} KL_i, whitened over response tokens."""
+    batch = make_batch(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), [3, 2])
+    kl_penalty = torch.tensor([[0.1, 0.2, 0.3], [0.2, -0.1, 9.0]])  # beta * KL_t; 9.0 is padding, never counted
+    out = algo.advantages_for_batch(batch, "reinforce_pp", {}, kl_penalty=kl_penalty)
+    # returns-to-go: row 0: 1 - (0.6, 0.5, 0.3) = (0.4, 0.5, 0.7); row 1: 0 - (0.1, -0.1) = (-0.1, 0.1)
+    # mean of the 5 tokens 0.32; deviations (0.08, 0.18, 0.38), (-0.42, -0.22); Bessel variance 0.408 / 4
+    std = math.sqrt(0.408 / 4 + 1e-8)
+    expected = torch.tensor([[0.08, 0.18, 0.38], [-0.42, -0.22, 0.0]]) / std
+    expected[1, 2] = 0.0
+    torch.testing.assert_close(out, expected)
+
+
+def test_kl_in_reward_for_sequence_estimators_is_the_summed_penalty():
+    batch = make_batch(torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 0, 0]), [2, 1, 2, 1])
+    kl_penalty = torch.tensor([[0.1, 0.2], [0.3, 5.0], [0.0, 0.1], [0.2, 5.0]])  # 5.0: padding
+    summed = torch.tensor([0.3, 0.3, 0.1, 0.2])
+    for name, params in (("grpo", {}), ("reinforce_pp", {"group_baseline": True})):
+        out = algo.advantages_for_batch(batch, name, params, kl_penalty=kl_penalty)
+        expected = algo.advantages_for_batch(batch.replace(rewards=batch.rewards - summed), name, params)
+        torch.testing.assert_close(out, expected)
+
+
 def test_advantages_for_batch_rejects_bad_params_and_missing_rewards():
     batch = make_batch(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), [1, 1])
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epsilon'\]; accepted: \['eps', 'unbiased'\]"):

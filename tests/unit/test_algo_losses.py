@@ -10,7 +10,7 @@ import torch
 
 from rltrain import algo
 from rltrain.algo.aggregation import seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm, token_mean
-from rltrain.algo.kl import k1, k2, k3
+from rltrain.algo.kl import k1, k2, k3, kl_token_penalty
 from rltrain.algo.losses import gspo, ppo_clip
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.types import RolloutBatch
@@ -81,6 +81,15 @@ def test_k3_is_nonnegative_and_clamped_like_verl():
     torch.testing.assert_close(k2(logp, ref), 0.5 * k1(logp, ref) ** 2)
 
 
+def test_kl_token_penalty_is_per_masked_token_and_sums_to_the_reward_penalty():
+    old = torch.tensor([[math.log(0.5), math.log(0.5), 7.0]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.5), 0.0]])
+    micro = make_micro(torch.tensor([[1.0, 1.0, 0.0]]), old, torch.zeros(1, 3), ref=ref)
+    per_token = kl_token_penalty(micro, coef=0.1, estimator="k1")
+    torch.testing.assert_close(per_token, torch.tensor([[0.1 * math.log(2.0), 0.0, 0.0]]))
+    torch.testing.assert_close(algo.kl_reward_penalty(micro, coef=0.1, estimator="k1"), per_token.sum(1))
+
+
 def test_kl_reward_penalty_sums_masked_tokens():
     old = torch.tensor([[math.log(0.5), math.log(0.5), 7.0]])
     ref = torch.tensor([[math.log(0.25), math.log(0.5), 0.0]])
@@ -126,6 +135,11 @@ def test_gspo_uses_length_normalised_sequence_ratio():
     torch.testing.assert_close(logp.grad, torch.tensor([[-s, -s, 0.0]], dtype=torch.float64))
 
 
+def test_gspo_refuses_a_dual_clip():
+    with pytest.raises(ValueError, match="clip_c=3.0: gspo has no dual clip"):
+        gspo(RATIOS.log(), OLD, -ADV, FULL, clip_c=3.0)
+
+
 def test_tis_weights_are_capped_and_detached():
     old = torch.tensor([[math.log(3.0), math.log(0.5)]], requires_grad=True)
     weights, capped = algo.tis_weights(old, torch.zeros(1, 2), cap=2.0)
@@ -154,6 +168,9 @@ def test_loss_fn_hand_computed_with_tis_kl_entropy():
     assert metrics["loss/approx_kl"] == pytest.approx(-kl)
 
 
+DUAL_CLIP = {"ppo_clip": 3.0, "gspo": None}  # GSPO has no dual clip
+
+
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("policy_loss", ["ppo_clip", "gspo"])
 def test_masked_tokens_get_zero_gradient(agg, policy_loss):
@@ -164,7 +181,7 @@ def test_masked_tokens_get_zero_gradient(agg, policy_loss):
     logp = torch.randn(2, 4, generator=gen).requires_grad_()
     entropy = torch.rand(2, 4, generator=gen).requires_grad_()
     loss_fn = algo.make_loss_fn(
-        policy_loss=policy_loss, loss_agg=agg, loss_agg_constant=4.0, clip_c=3.0, tis_cap=2.0,
+        policy_loss=policy_loss, loss_agg=agg, loss_agg_constant=4.0, clip_c=DUAL_CLIP[policy_loss], tis_cap=2.0,
         entropy_coef=0.01, kl_coef=0.1, kl_estimator="k3+",
     )  # fmt: skip
     loss, _ = loss_fn(logp, entropy, micro, LossNorm(global_tokens=5, global_seqs=2))
@@ -187,7 +204,8 @@ def test_micro_batch_contributions_sum_to_full_batch(agg, policy_loss):
     base_logp = old + 0.4 * torch.randn(b, t, generator=gen, dtype=torch.float64) * mask
     base_entropy = torch.rand(b, t, generator=gen, dtype=torch.float64)
     loss_fn = algo.make_loss_fn(
-        policy_loss=policy_loss, loss_agg=agg, loss_agg_constant=6.0, clip_high=0.28, clip_c=3.0, tis_cap=1.5,
+        policy_loss=policy_loss, loss_agg=agg, loss_agg_constant=6.0, clip_high=0.28, clip_c=DUAL_CLIP[policy_loss],
+        tis_cap=1.5,
         entropy_coef=0.01, kl_coef=0.05, kl_estimator="k3",
     )  # fmt: skip
     norm = LossNorm(global_tokens=int(mask.sum()), global_seqs=b)
@@ -229,6 +247,7 @@ def test_make_loss_fn_is_a_picklable_loss_fn():
         ({"loss_agg": "seq-mean-token-mean"}, "unknown agg"),
         ({"kl_estimator": "k4"}, r"known: \['k1', 'k1\+', 'k2', 'k3', 'k3\+'\]"),
         ({"clip_c": 1.0}, "clip_c"),
+        ({"policy_loss": "gspo", "clip_c": 3.0}, "clip_c=3.0: gspo has no dual clip"),
         ({"tis_cap": 0.0}, "tis_cap"),
         ({"clip_low": 1.0}, "clip_low"),
         ({"loss_agg": "seq_mean_token_sum_norm"}, "loss_agg_constant"),
