@@ -12,7 +12,14 @@ torch learner on the whole batch:
   "filler" micro-batches (one row, loss multiplied by 0) to keep the collectives in step.
 
 The optimizer is the torch AdamW of ``rltrain/learner/optim.py`` (no JIT-built fused Adam), with the same
-warm-up schedule; gradient clipping is DeepSpeed's (same formula as ``clip_grad_norm_``).
+warm-up schedule; gradient clipping is DeepSpeed's (same formula as ``clip_grad_norm_``; ``grad_clip`` None
+or 0 is ``gradient_clipping: 0``, no clipping, as in the torch learner).
+
+Non-finite steps are skipped as in the torch learner, by DeepSpeed's own overflow path: ZeRO-1/2/3 discard
+the accumulated gradients and skip the optimizer and LR-schedule step when the global gradient norm (reduced
+over ranks, so every rank decides alike) is not finite, in every precision (``check_grad_overflow`` is set
+for bf16). A rank whose loss is not finite back-propagates NaN, so a NaN loss with finite gradients is
+skipped on every rank too. ``engine.was_step_applied()`` then says whether the step was taken.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 
@@ -29,14 +37,14 @@ from torch import Tensor
 from rltrain.config import ConfigError
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.logprobs import sequence_logprobs
-from rltrain.learner.optim import build_optimizer, build_scheduler
+from rltrain.learner.optim import build_optimizer, build_scheduler, clip_max_norm
 from rltrain.types import RolloutBatch
 
 DEFAULT_EXTENSIONS_DIR = "~/.cache/rltrain/torch_extensions"  # JIT-built DeepSpeed ops, reused across runs
 CHECKPOINT_TAG = "deepspeed"  # ZeRO state lives in <save dir>/deepspeed/
 CHECKPOINT_META_FILE = "rltrain_deepspeed.json"
 ZERO_STAGES = (1, 2, 3)
-_PRECISION_KEYS = {"bfloat16": "bf16", "float16": "fp16"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def deepspeed_config(
@@ -44,7 +52,7 @@ def deepspeed_config(
     zero_stage: int,
     micro_batch_size: int,
     world_size: int,
-    grad_clip: float,
+    grad_clip: float | None,
     dtype: str,
     offload_optimizer: bool = False,
     offload_params: bool = False,
@@ -62,7 +70,7 @@ def deepspeed_config(
         raise ValueError(f"learner.zero_stage must be one of {ZERO_STAGES}, got {zero_stage}")
     if offload_params and zero_stage != 3:
         raise ValueError(f"learner.offload_params needs learner.zero_stage=3, got zero_stage={zero_stage}")
-    if dtype not in ("float32", *_PRECISION_KEYS):
+    if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of float32, bfloat16, float16")
     zero: dict = {"stage": zero_stage}
     if offload_optimizer:
@@ -75,7 +83,7 @@ def deepspeed_config(
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch_size * world_size,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": clip_max_norm(grad_clip),
         "zero_optimization": zero,
         # The client optimizer is torch AdamW; offloading it must not demand DeepSpeed's CPU Adam.
         "zero_force_ds_cpu_optimizer": False,
@@ -83,8 +91,11 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if dtype in _PRECISION_KEYS:
-        config[_PRECISION_KEYS[dtype]] = {"enabled": True}
+    if dtype == "bfloat16":
+        # fp32 and fp16 always skip a step with a non-finite gradient norm; bf16 does when asked to.
+        config["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    elif dtype == "float16":
+        config["fp16"] = {"enabled": True}
     return config
 
 
@@ -194,7 +205,7 @@ class DeepSpeedLearner:
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
         total_steps: int = 1,
-        grad_clip: float = 1.0,
+        grad_clip: float | None = 1.0,
         micro_batch_size: int = 16,
         temperature: float = 1.0,
         use_reference: bool = False,
@@ -290,18 +301,22 @@ class DeepSpeedLearner:
                 total_loss += float(loss.detach())
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
+                if not math.isfinite(float(loss.detach())):
+                    # NaN gradients make the ranks' shared grad norm non-finite: DeepSpeed skips the step everywhere.
+                    loss = logprobs.sum() * math.nan
             else:
                 loss = logprobs.sum() * 0.0
             # DeepSpeed averages rank gradients; the contributions are global, so the step needs their sum.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         lr = self.scheduler.get_last_lr()[0]
-        self.engine.step()
-        step_metrics = {"perf/grad_norm": _as_float(self.engine.get_global_grad_norm()), "perf/lr": lr}
-        if not self.engine.was_step_applied():
-            # DeepSpeed skips non-finite steps without advancing the schedule; the torch learner advances it.
-            self.scheduler.step()
-            step_metrics["loss/skipped_nonfinite_steps"] = 1.0
-        self.optimizer_steps += 1
+        self.engine.step()  # a skipped step advances neither the optimizer nor the LR schedule
+        applied = self.engine.was_step_applied()
+        self.optimizer_steps += int(applied)
+        step_metrics = {
+            "loss/nonfinite_skipped": float(not applied),
+            "perf/grad_norm": _as_float(self.engine.get_global_grad_norm()),
+            "perf/lr": lr,
+        }
         return {**totals, "loss/total": total_loss}, step_metrics
 
     def export_buckets(self, bucket_mb: int | None = None) -> Iterator[dict[str, Tensor]]:

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from rltrain.config import ConfigError
+
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """LR factor at optimizer ``step`` (0-based): linear warm-up, then constant / cosine / linear decay to 0."""
@@ -34,3 +36,25 @@ def build_scheduler(optimizer, warmup_steps: int, total_steps: int, schedule: st
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, schedule)
     )
+
+
+def clip_max_norm(grad_clip: float | None) -> float:
+    """``learner.grad_clip`` as the max global gradient norm, on every backend: 0.0 means no clipping.
+
+    None and 0 both mean "no clipping" (DeepSpeed's ``gradient_clipping: 0`` convention); a negative or
+    non-finite bound raises ConfigError.
+    """
+    if grad_clip is None:
+        return 0.0
+    if not math.isfinite(grad_clip) or grad_clip < 0:
+        raise ConfigError(f"learner.grad_clip={grad_clip}: a max gradient norm > 0, or 0 / null for no clipping")
+    return float(grad_clip)
+
+
+def update_is_finite(loss: float, grad_norm: float) -> bool:
+    """Whether an optimizer step may be applied: a non-finite loss or global gradient norm skips it.
+
+    A skipped step changes nothing (weights, optimizer state, LR schedule); the learners count it in
+    ``loss/nonfinite_skipped``.
+    """
+    return math.isfinite(loss) and math.isfinite(grad_norm)

@@ -3,6 +3,10 @@
 Algorithm-blind: ``train_step(batch, loss_fn)`` knows nothing about advantages or clipping. The loss
 function returns contributions already normalised by the optimizer step's global token count
 (see rltrain/learner/base.py), so gradients do not depend on ``micro_batch_size``.
+
+A step whose loss or global gradient norm is not finite is skipped whole (``update_is_finite`` in
+rltrain/learner/optim.py): gradients dropped, no optimizer or LR-schedule step, counted in
+``loss/nonfinite_skipped``. ``grad_clip`` None or 0 means no clipping (``clip_max_norm``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from torch import Tensor
 
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.logprobs import response_hidden_and_probs, sequence_logprobs
-from rltrain.learner.optim import build_optimizer, build_scheduler
+from rltrain.learner.optim import build_optimizer, build_scheduler, clip_max_norm, update_is_finite
 from rltrain.types import RolloutBatch
 
 LEARNER_STATE_FILE = "learner_state.pt"
@@ -33,7 +37,7 @@ class TorchLearner:
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
         total_steps: int = 1,
-        grad_clip: float = 1.0,
+        grad_clip: float | None = 1.0,
         micro_batch_size: int = 16,
         temperature: float = 1.0,
         use_reference: bool = False,
@@ -55,7 +59,7 @@ class TorchLearner:
             self.reference = load_causal_lm(model_path, dtype).to(self.device).eval().requires_grad_(False)
         self.optimizer = build_optimizer(self.model.parameters(), lr, betas, weight_decay, adam_eps)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, total_steps, lr_schedule)
-        self.grad_clip = grad_clip
+        self.max_grad_norm = clip_max_norm(grad_clip)
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
         self.optimizer_steps = 0
@@ -115,16 +119,33 @@ class TorchLearner:
             total_loss += float(loss.detach())
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-        else:
-            totals["loss/skipped_nonfinite_steps"] = 1.0
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        grad_norm, skipped = self._apply_update(total_loss)
+        return {
+            **totals,
+            "loss/total": total_loss,
+            "loss/nonfinite_skipped": float(skipped),
+            "perf/grad_norm": grad_norm,
+            "perf/lr": lr,
+        }
+
+    def _apply_update(self, total_loss: float) -> tuple[float, bool]:
+        """Clip and apply the accumulated gradients unless the step is not finite; (grad norm, skipped).
+
+        The norm is the global L2 norm before clipping. A skipped step leaves weights, optimizer state, LR
+        schedule and ``optimizer_steps`` as they were, so the next step is the one this step would have been.
+        """
+        params = [param for param in self.model.parameters() if param.grad is not None]
+        norm = torch.nn.utils.get_total_norm([param.grad for param in params])
+        skipped = not update_is_finite(total_loss, float(norm))
+        if not skipped:
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_steps += 1
-        return {**totals, "loss/total": total_loss, "perf/grad_norm": float(grad_norm), "perf/lr": lr}
+        return float(norm), skipped
 
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
         for name, param in self.model.named_parameters():

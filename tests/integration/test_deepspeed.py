@@ -231,6 +231,50 @@ def test_policy_loss_with_reference_kl_and_entropy_at_zero3_equals_the_torch_lea
         group.shutdown()
 
 
+# ---- non-finite steps ----------------------------------------------------------------------------------
+
+
+class NanLossOnRowZero:
+    """CrossEntropyLoss, plus a constant NaN on the micro-batch holding row 0: the loss is NaN on one rank while
+    every gradient stays finite (the case DeepSpeed's own grad-norm check cannot see)."""
+
+    needs_entropy = False
+
+    def __call__(self, logprobs, entropy, micro, norm):
+        loss, metrics = CrossEntropyLoss()(logprobs, entropy, micro, norm)
+        return loss + (float("nan") if bool((micro.group == 0).any()) else 0.0), metrics
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_non_finite_step_is_skipped_on_every_rank_and_changes_nothing(tiny_model_dir, zero_stage):
+    """A NaN loss on one rank, then inf advantages (inf/NaN gradients): weights stay as they were, each step counts
+    1 in loss/nonfinite_skipped, and the LR schedule does not advance (the next step has warm-up step 0's lr)."""
+    import sys
+
+    from ray import cloudpickle
+
+    from rltrain.algo import make_loss_fn
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the rank actors cannot import this test module
+    options = {**OPTIONS, "warmup_steps": 2, "total_steps": 4}
+    batch = uneven_batch(seed=4)
+    group = DeepSpeedLearnerGroup(learner_cfg(2, zero_stage), tiny_model_dir, options)
+    try:
+        initial = ray.get(group.export_weights_ref())
+        inf_advantages = batch.replace(
+            old_logprobs=group.logprobs(batch), advantages=torch.full_like(batch.response_mask, float("inf"))
+        )
+        for bad_step in (group.train_step(batch, NanLossOnRowZero()), group.train_step(inf_advantages, make_loss_fn())):
+            assert bad_step["loss/nonfinite_skipped"] == 1.0
+            assert bad_step["perf/lr"] == pytest.approx(options["lr"] / 2)
+        assert max_param_diff(ray.get(group.export_weights_ref()), initial) == 0.0
+        good = group.train_step(batch, CrossEntropyLoss())
+        assert good["loss/nonfinite_skipped"] == 0.0 and good["perf/lr"] == pytest.approx(options["lr"] / 2)
+        assert max_param_diff(ray.get(group.export_weights_ref()), initial) > 50 * PARAM_TOL
+    finally:
+        group.shutdown()
+
+
 # ---- checkpoint / resume -------------------------------------------------------------------------------
 
 
