@@ -5,23 +5,28 @@ optimizer state there (``write_model``), then ``trainer_state.pt`` (step, data p
 ``COMPLETE`` marker; everything is fsynced and the directory is renamed to ``step_N`` in one ``os.rename``. So a
 run killed at any moment leaves either a complete ``step_N`` or a ``.tmp-*`` dir, which ``latest_checkpoint``
 ignores and the next save removes. Old checkpoints are removed by renaming them back to ``.tmp-*`` first, so a
-kill during deletion never leaves a half-deleted ``step_N`` behind. One run dir has one writing process.
+kill during deletion never leaves a half-deleted ``step_N`` behind. One run dir has one writing process
+(``rltrain.run_control.RunDirLock``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
-from collections.abc import Callable, Mapping
+import struct
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from rltrain.tracking import fsync_dir
+from rltrain.config import ConfigError
+from rltrain.fsutil import fsync_dir, fsync_tree, replace_dir, storage_error, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +41,8 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 STATE_LEAF_TYPES = (type(None), bool, int, float, str, bytes, torch.Tensor)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or unreadable; the message names the path."""
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the config; the message names the path."""
 
 
 def checkpoint_dir(run_dir: str, step: int) -> str:
@@ -69,19 +74,6 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def resolve_resume(run_dir: str, resume: str) -> str | None:
-    """``run.resume`` to a checkpoint dir: ``auto`` → latest complete one (or ``None``), ``never`` → ``None``,
-    anything else must be a complete checkpoint dir."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = os.path.expanduser(resume)
-    if not is_complete(path):
-        raise CheckpointError(f"run.resume={resume!r} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
-    return path
-
-
 def save_checkpoint(
     run_dir: str,
     step: int,
@@ -96,7 +88,8 @@ def save_checkpoint(
     ``trainer_state.pt`` and may hold only dicts / lists / tuples of None, bool, int, float, str, bytes and
     tensors (``TypeError`` naming the entry otherwise). After saving, the ``keep`` newest checkpoints up to
     ``step`` stay; checkpoints after ``step`` belong to a timeline this run has replaced and are removed.
-    If ``write_model`` raises, the temporary dir is removed and the error propagates; no ``step_N`` appears.
+    If anything fails, the temporary dir is removed and no ``step_N`` appears; a storage failure (full disk,
+    no permission) raises ``RunError`` naming the path, the OS reason and the previous checkpoint, which is intact.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
@@ -104,20 +97,37 @@ def save_checkpoint(
         raise ValueError(f"keep (trainer.keep_checkpoints) must be an int >= 1, got {keep!r}")
     check_state_types(state)
     root = os.path.join(run_dir, CHECKPOINTS_DIR)
-    os.makedirs(root, exist_ok=True)
-    remove_stale_tmp_dirs(root, own_pid_is_stale=True)
-
     tmp_dir = os.path.join(root, f"{TMP_PREFIX}{STEP_PREFIX}{step}-{os.getpid()}")
-    os.makedirs(tmp_dir)
+    final_dir = checkpoint_dir(run_dir, step)
     try:
+        os.makedirs(root, exist_ok=True)
+        remove_stale_tmp_dirs(root, own_pid_is_stale=True)
+        os.makedirs(tmp_dir)
         _fill_checkpoint(tmp_dir, step, write_model, state)
-        final_dir = checkpoint_dir(run_dir, step)
-        _move_into_place(tmp_dir, final_dir, root)
+        replace_dir(tmp_dir, final_dir, aside_prefix=f"{TMP_PREFIX}replaced-")
+    except Exception as err:
+        # Judge the cause before the tmp dir is removed: removing it frees the space a full disk lacked.
+        run_error = storage_error(f"write checkpoint {STEP_PREFIX}{step} under", root, err, _previous_note(run_dir))
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if run_error is None:
+            raise
+        raise run_error from err
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    prune_checkpoints(run_dir, keep=keep, newest_step=step)
+    with storage_errors("remove old checkpoints under", root):
+        prune_checkpoints(run_dir, keep=keep, newest_step=step)
     return final_dir
+
+
+def _previous_note(run_dir: str) -> str:
+    try:
+        checkpoints = list_checkpoints(run_dir)
+    except OSError:
+        return "earlier checkpoints were not touched"
+    if not checkpoints:
+        return "there is no earlier checkpoint"
+    return f"the previous checkpoint {os.path.basename(checkpoints[-1][1])} is intact"
 
 
 def _fill_checkpoint(tmp_dir: str, step: int, write_model: Callable[[str], None], state: Mapping[str, Any]) -> None:
@@ -125,8 +135,9 @@ def _fill_checkpoint(tmp_dir: str, step: int, write_model: Callable[[str], None]
     for reserved in (TRAINER_STATE_FILE, COMPLETE_MARKER):
         if os.path.exists(os.path.join(tmp_dir, reserved)):
             raise CheckpointError(f"write_model wrote {reserved!r} into {tmp_dir}; that name is reserved")
-    torch.save(dict(state), os.path.join(tmp_dir, TRAINER_STATE_FILE))
-    _fsync_tree(tmp_dir)
+    with open(os.path.join(tmp_dir, TRAINER_STATE_FILE), "wb") as f:
+        torch.save(dict(state), f)  # through our file object, so a failed write raises OSError with its errno
+    fsync_tree(tmp_dir)
     marker = os.path.join(tmp_dir, COMPLETE_MARKER)
     with open(marker, "w", encoding="utf-8") as f:
         f.write(json.dumps({"step": step}) + "\n")
@@ -135,16 +146,184 @@ def _fill_checkpoint(tmp_dir: str, step: int, write_model: Callable[[str], None]
     fsync_dir(tmp_dir)
 
 
-def _move_into_place(tmp_dir: str, final_dir: str, root: str) -> None:
-    """Rename the finished tmp dir to ``step_N``; an existing ``step_N`` (a replaced timeline) is moved aside."""
-    replaced = None
-    if os.path.exists(final_dir):
-        replaced = os.path.join(root, f"{TMP_PREFIX}replaced-{os.path.basename(final_dir)}-{os.getpid()}")
-        os.rename(final_dir, replaced)
-    os.rename(tmp_dir, final_dir)
-    fsync_dir(root)
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
+def resolve_resume(run_dir: str, resume: str) -> str | None:
+    """``run.resume`` to a verified checkpoint dir, or ``None`` for a fresh start. Raises ``CheckpointError``.
+
+    ``never`` → ``None``; ``auto`` → the latest complete checkpoint of ``run_dir`` (``None`` if there is none);
+    a run dir → its latest complete checkpoint; a checkpoint dir → itself. Every candidate is verified
+    (``verify_checkpoint``); when the latest one of a run is corrupt, the newest sound one before it is used,
+    with a warning naming the corrupt file. A checkpoint named explicitly must be complete and sound: the error
+    names what is wrong and offers the newest complete checkpoint beside it.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        remove_stale_tmp_dirs(os.path.join(run_dir, CHECKPOINTS_DIR), own_pid_is_stale=False)
+        return _latest_sound(run_dir, "run.resume=auto")
+    path = os.path.abspath(os.path.expanduser(resume))
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"run.resume={resume}: no such directory; use auto, never, a checkpoint dir (<run.dir>/checkpoints/step_N) "
+            "or a run dir"
+        )
+    if is_complete(path):
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"run.resume={resume}: {problem}; {_offer_beside(path)}")
+        return path
+    if os.path.basename(path) == CHECKPOINTS_DIR:
+        path = os.path.dirname(path)
+    if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+        found = _latest_sound(path, f"run.resume={resume}")
+        if found is None:
+            raise CheckpointError(
+                f"run.resume={resume} is a run dir without a complete checkpoint; use run.resume=never"
+            )
+        return found
+    if os.path.basename(os.path.dirname(path)) == CHECKPOINTS_DIR:
+        raise CheckpointError(
+            f"run.resume={resume} is incomplete (no {COMPLETE_MARKER} marker: its save was cut); {_offer_beside(path)}"
+        )
+    raise CheckpointError(
+        f"run.resume={resume} is neither a checkpoint (no {COMPLETE_MARKER} marker) "
+        f"nor a run dir (no {CHECKPOINTS_DIR}/)"
+    )
+
+
+def _latest_sound(run_dir: str, what: str) -> str | None:
+    """The newest complete checkpoint of ``run_dir`` that passes ``verify_checkpoint``, warning about newer bad ones."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("%s: skipping %s (%s); trying the previous complete checkpoint", what, path, problem)
+    return None
+
+
+def _offer_beside(ckpt_dir: str) -> str:
+    """Where to go instead of ``ckpt_dir``: the newest sound checkpoint before it in the same run, if any."""
+    run_dir = os.path.dirname(os.path.dirname(ckpt_dir))
+    name = os.path.basename(ckpt_dir)
+    step = (
+        int(name[len(STEP_PREFIX) :]) if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX) :].isdigit() else None
+    )
+    for earlier_step, path in reversed(list_checkpoints(run_dir)):
+        if path != ckpt_dir and (step is None or earlier_step < step) and checkpoint_problem(path) is None:
+            return f"the newest complete checkpoint beside it is run.resume={path}"
+    return "there is no complete checkpoint beside it: start over with run.resume=never"
+
+
+def checkpoint_problem(ckpt_dir: str) -> str | None:
+    """What is wrong with a complete checkpoint's files (naming the file), or ``None``; cheap, nothing is loaded
+    but ``trainer_state.pt``.
+
+    safetensors files: the header parses and its tensor data ends exactly at the end of the file. torch files
+    (``*.pt``, ``*.bin``, optimizer states, at any depth): zip archives whose central directory reads and whose
+    members lie inside the file. A truncated or partly written file fails one of these.
+    """
+    try:
+        load_trainer_state(ckpt_dir)
+    except CheckpointError as err:
+        return str(err)
+    for parent, _, files in os.walk(ckpt_dir):
+        for name in sorted(files):
+            path = os.path.join(parent, name)
+            if name.endswith(".safetensors"):
+                problem = safetensors_problem(path)
+            elif name.endswith((".pt", ".bin")):
+                problem = torch_zip_problem(path)
+            else:
+                continue
+            if problem is not None:
+                return f"{path} is corrupt: {problem}"
+    return None
+
+
+def safetensors_problem(path: str) -> str | None:
+    """Why ``path`` is not a whole safetensors file (8-byte header length, JSON header, data), or ``None``."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
+            if header_len is None or 8 + header_len > size:
+                return f"file of {size} bytes is shorter than its header"
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        return f"header does not parse ({err})"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if expected != size:
+        return f"tensor data needs {expected} bytes, the file has {size} (truncated or partly written)"
+    return None
+
+
+def torch_zip_problem(path: str) -> str | None:
+    """Why the torch file ``path`` is not a whole zip archive (torch.save's format), or ``None``."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            ends = [info.header_offset + info.compress_size for info in archive.infolist()]
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"not a readable torch zip archive ({err}; truncated or partly written)"
+    if max(ends, default=0) > size:
+        return f"its members reach past the end of the file ({size} bytes)"
+    return None
+
+
+FINGERPRINT_MODEL_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def model_fingerprint(model_dir: str) -> dict[str, str]:
+    """``{"model.<key>": value}`` of the architecture in ``model_dir/config.json`` (what a state dict's shapes
+    follow)."""
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the model config {path}: {err}") from err
+    return {f"model.{key}": str(config[key]) for key in FINGERPRINT_MODEL_KEYS if key in config}
+
+
+def rows_fingerprint(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``"<count> rows sha256:<first 16 hex>"`` over the rows' canonical JSON, order included."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode("utf-8") + b"\n")
+    return f"{len(rows)} rows sha256:{digest.hexdigest()[:16]}"
+
+
+def check_fingerprint(ckpt_dir: str, saved: Mapping[str, str] | None, current: Mapping[str, str]) -> None:
+    """Raise ``CheckpointError`` listing each item where the checkpoint's fingerprint differs from the config's.
+
+    A checkpoint saved before fingerprints existed (``saved`` is ``None``) is checked on its model architecture
+    only (from its ``config.json``), with a warning.
+    """
+    if saved is None:
+        logger.warning(
+            "%s has no fingerprint (saved by an older rltrain): only its model architecture is checked "
+            "against the config; data, eval set and algorithm are assumed unchanged",
+            ckpt_dir,
+        )
+        saved = model_fingerprint(ckpt_dir)
+    differ = [
+        f"{key}: checkpoint {saved[key]}, config {value}"
+        for key, value in current.items()
+        if key in saved and saved[key] != value
+    ]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} does not fit this config ({'; '.join(differ)}); resume with the config it was "
+            "saved with, or start over with run.resume=never or a new run.dir"
+        )
 
 
 def prune_checkpoints(run_dir: str, *, keep: int, newest_step: int) -> list[str]:
@@ -199,17 +378,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _fsync_tree(directory: str) -> None:
-    for parent, _, files in os.walk(directory):
-        for name in files:
-            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(parent)
 
 
 def check_state_types(value: Any, where: str = "state") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 
 import hydra
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rltrain.config import ConfigError, register_configs
 from rltrain.errors import RunError
+from rltrain.run_control import EXIT_INTERRUPTED, RunStopped
 
 register_configs()
 log = logging.getLogger("rltrain")
@@ -42,6 +44,25 @@ def _run_guarded(fn, cfg: DictConfig) -> None:
     except RunError as err:
         print(f"rltrain: error: {err}", file=sys.stderr)
         sys.exit(1)
+    except RunStopped as err:
+        print(f"rltrain: {err}; resume with: {resume_command(cfg)}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("rltrain: interrupted", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command that resumes this run: this one's config name and overrides, the absolute run dir, resume=auto."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
+    words = ["rltrain"]
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        kept = [o for o in hydra_cfg.overrides.task if not o.startswith(("run.dir=", "run.resume="))]
+        words += ["--config-name", hydra_cfg.job.config_name, *kept]
+    return shlex.join([*words, f"run.dir={run_dir}", "run.resume=auto"])
 
 
 def _train(cfg: DictConfig) -> None:

@@ -35,6 +35,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from rltrain.config import ConfigError, check_kwargs
+from rltrain.fsutil import fsync_tree, replace_dir
 
 # Qwen2's pre-tokenizer split: ``\p{N}`` alone means every digit is its own pre-token, so BPE never merges
 # digits and the model sees numbers digit by digit (what makes multi-digit arithmetic learnable).
@@ -170,21 +171,11 @@ def build_tiny_model(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _replace_dir(staging, out_dir)
+        fsync_tree(staging)
+        replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
-
-
-def _replace_dir(src: str, dst: str) -> None:
-    """Move ``src`` to ``dst``; an old ``dst`` is moved aside first and deleted after the swap."""
-    if not os.path.exists(dst):
-        os.rename(src, dst)
-        return
-    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(dst))
-    os.rename(dst, os.path.join(old, "model"))
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 _TINY_DEFAULTS = {

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rltrain.fsutil import atomic_write, storage_errors
+
 logger = logging.getLogger(__name__)
 
 SMOOTH_MIN_POINTS = 10  # noisy per-step curves get a moving-average overlay once they are this long
@@ -125,6 +127,5 @@ def _draw(spec: PlotSpec, curves: list[Curve], series: dict[str, tuple[list[int]
     axes.grid(alpha=0.3)
     axes.legend(loc="best")
     figure.tight_layout()
-    partial_path = f"{path}.tmp"
-    figure.savefig(partial_path, format="png")
-    os.replace(partial_path, path)  # a killed run never leaves a truncated PNG under the final name
+    with storage_errors("write plot", path):  # atomic: a killed run never leaves a truncated PNG
+        atomic_write(path, lambda file: figure.savefig(file, format="png"))

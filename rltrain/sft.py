@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from rltrain.fsutil import fsync_tree, replace_dir
 from rltrain.learner.base import LossNorm
 from rltrain.types import FinishReason, GenResult, RolloutBatch, build_rollout_batch
 
@@ -101,9 +102,11 @@ def run_sft(
     log.info("SFT: %d steps in %.1fs, final nll %.4f", steps, time.time() - start, metrics["loss/nll"])
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    learner.model.save_pretrained(tmp)
-    learner.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    os.rename(tmp, out_dir)
+    try:
+        learner.model.save_pretrained(tmp)
+        learner.tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -13,13 +13,14 @@ import logging
 import math
 import netrc
 import os
-import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+
+from rltrain.fsutil import atomic_write_text, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -35,32 +36,6 @@ PROGRESS_KEYS = {
     "rollout/response_len_mean": "len",
 }
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` so a reader sees either the old file or the whole new one, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    fsync_dir(directory)
-
-
-def fsync_dir(directory: str) -> None:
-    """Persist a directory entry change (create / rename) on filesystems that need it."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -206,10 +181,12 @@ class Tracker:
         self._wandb_run = None
         self._wandb_failed = False
 
-        os.makedirs(self.run_dir, exist_ok=True)
         self._config = _plain_config(config)
-        atomic_write_text(self.config_path, yaml.safe_dump(self._config, sort_keys=False))
-        self._open_metrics()
+        with storage_errors("write", self.config_path):
+            os.makedirs(self.run_dir, exist_ok=True)
+            atomic_write_text(self.config_path, yaml.safe_dump(self._config, sort_keys=False))
+        with storage_errors("open", self.metrics_path):
+            self._open_metrics()
         if wandb is not None and wandb.get("enabled", True):
             self._init_wandb(wandb)  # before the progress bar, so W&B's start-up messages print above it
         self._progress, self._task = self._start_progress() if progress else (None, None)
@@ -283,7 +260,8 @@ class Tracker:
             if run_id:
                 return run_id
         run_id = uuid.uuid4().hex[:12]
-        atomic_write_text(path, run_id + "\n")
+        with storage_errors("write", path):
+            atomic_write_text(path, run_id + "\n")
         return run_id
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -291,9 +269,10 @@ class Tracker:
         if self._finished:
             raise RuntimeError("Tracker.log called after finish()")
         record, non_finite = to_finite_record(step, metrics)
-        self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._metrics_file.flush()
-        os.fsync(self._metrics_file.fileno())
+        with storage_errors("write metrics to", self.metrics_path):
+            self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._metrics_file.flush()
+            os.fsync(self._metrics_file.fileno())
         self._report_non_finite(step, non_finite)
         self._log_wandb(step, metrics)
         self._latest.update({key: value for key, value in record.items() if key != "step" and value is not None})

@@ -7,6 +7,8 @@ import os
 import platform
 from typing import Any
 
+from rltrain.fsutil import atomic_write_text
+
 
 def machine_info() -> dict[str, Any]:
     """The machine a benchmark ran on, recorded beside its figures (load average: was it quiet?)."""
@@ -27,8 +29,5 @@ def emit(text: str, report: dict[str, Any], json_path: str | None) -> int:
     """Print ``text``; write ``report`` to ``json_path`` (if given) atomically. Returns exit status 0."""
     print(text)
     if json_path:
-        tmp = f"{json_path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as file:
-            json.dump(report, file, indent=2)
-        os.replace(tmp, json_path)
+        atomic_write_text(json_path, json.dumps(report, indent=2))
     return 0

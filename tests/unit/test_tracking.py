@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from rltrain import plots
+from rltrain.errors import RunError
 from rltrain.tracking import (
     WANDB_ID_FILE,
     Tracker,
@@ -261,3 +262,26 @@ def test_wandb_offline_run_is_written_under_the_run_dir(tmp_path, monkeypatch):
     assert len(offline_runs) == 1
     run_files = os.listdir(tmp_path / "wandb" / offline_runs[0])
     assert any(name.endswith(".wandb") for name in run_files)
+
+
+def test_a_full_disk_under_metrics_is_a_run_error_naming_the_file(tmp_path):
+    os.symlink("/dev/full", tmp_path / "metrics.jsonl")  # every write fails with ENOSPC
+    tracker = make_tracker(tmp_path, total_steps=1, progress=False, wandb=None)
+    with pytest.raises(RunError) as err:
+        tracker.log(1, {"reward/mean": 0.5})
+    assert str(err.value) == (f"cannot write metrics to {tmp_path / 'metrics.jsonl'}: No space left on device (ENOSPC)")
+
+
+def test_an_unwritable_run_dir_is_a_run_error_naming_config_yaml(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run dir should be")
+    with pytest.raises(RunError, match=r"cannot write .*file/run/config.yaml: Not a directory \(ENOTDIR\)"):
+        Tracker(str(blocker / "run"), {}, total_steps=1, progress=False)
+
+
+def test_a_plot_that_cannot_be_written_is_a_run_error_naming_it(tmp_path):
+    (tmp_path / "reward.png").mkdir()  # a directory in the plot's place: the final rename fails
+    records = [{"step": s, "reward/mean": 0.1 * s} for s in range(3)]
+    with pytest.raises(RunError, match=r"cannot write plot .*reward.png: Is a directory \(EISDIR\)"):
+        plots.write_plots(records, str(tmp_path))
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
