@@ -1,7 +1,8 @@
 """RewardGrader: grade a batch of completions with weighted reward functions in a process pool.
 
-An exception, timeout, crash, memory overrun or non-finite return costs that sample ``on_error`` for that
-function and counts in ``reward/errors/<kind>``; the run goes on.
+An exception, timeout, crash, memory overrun, non-finite or wrongly typed return costs that sample ``on_error``
+for that function and counts in ``reward/errors/<kind>``; the run goes on, unless one function fails on more
+than ``max_error_frac`` of its calls in the batch: then ``grade`` raises ``RewardFunctionError`` (a RunError).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rltrain.config import ConfigError
-from rltrain.grading.pool import GraderPool, Outcome
+from rltrain.grading.limits import ErrorBudget, consecutive_timeout_limit
+from rltrain.grading.pool import SKIPPED, GraderPool, Outcome
 from rltrain.grading.resolve import RewardSpec, resolve_reward_functions
 from rltrain.grading.worker import ERROR_KINDS
 
@@ -39,7 +41,9 @@ class RewardGrader:
     """Weighted reward functions run in ``num_workers`` processes with a per-call deadline and memory cap.
 
     ``functions``: ``[{"fn": "math" | "path/file.py:name" | "pkg.mod:name", "weight": w, "params": {...}}]``.
-    Resolution errors raise ConfigError here, before anything starts.
+    Resolution errors raise ConfigError here, before anything starts. ``max_error_frac``: the failed fraction
+    of one function's calls in a batch above which ``grade`` raises RewardFunctionError (1.0: never).
+    ``process_tag``: marks the programs the reward functions start, to kill them (see GraderPool).
     """
 
     def __init__(
@@ -50,15 +54,24 @@ class RewardGrader:
         memory_mb: int = 1024,
         on_error: float = 0.0,
         batch_size: int = 64,
+        max_error_frac: float = 0.5,
+        process_tag: str | None = None,
     ):
-        _check_options(num_workers, timeout_s, memory_mb, on_error, batch_size)
+        _check_options(num_workers, timeout_s, memory_mb, on_error, batch_size, max_error_frac)
         self.specs: list[RewardSpec] = resolve_reward_functions(functions)
         self.on_error = float(on_error)
+        self.max_error_frac = float(max_error_frac)
+        self._timeouts_in_row = consecutive_timeout_limit(num_workers)
         portable = [{"fn": spec.ref, "weight": spec.weight, "params": spec.params} for spec in self.specs]
-        self._pool: GraderPool | None = GraderPool(portable, num_workers, timeout_s, memory_mb, batch_size)
+        self._pool: GraderPool | None = GraderPool(
+            portable, num_workers, timeout_s, memory_mb, batch_size, tag=process_tag
+        )
 
     def grade(self, completions: list[str], rows: list[dict]) -> GradeResult:
-        """Score completion i against ``rows[i]`` (ground truth under "answer", other columns as fields)."""
+        """Score completion i against ``rows[i]`` (ground truth under "answer", other columns as fields).
+
+        Raises RewardFunctionError when a function is over its error budget (the batch stops early once
+        that is certain: the calls not run yet are skipped)."""
         if len(completions) != len(rows):
             raise ValueError(f"{len(completions)} completions but {len(rows)} rows")
         if self._pool is None:
@@ -69,7 +82,15 @@ class RewardGrader:
             for completion, row in zip(completions, rows)
             for spec_index in range(len(self.specs))
         ]
-        outcomes = self._pool.run(tasks) if tasks else []
+        budget = ErrorBudget(
+            [spec.ref for spec in self.specs],
+            [len(completions)] * len(self.specs),
+            self.max_error_frac,
+            self._timeouts_in_row,
+        )
+        outcomes = self._pool.run(tasks, lambda task, outcome: budget.record(task[0], outcome.kind, outcome.message))
+        if budget.tripped is not None:
+            raise budget.error(skipped=sum(outcome.kind == SKIPPED for outcome in outcomes))
         result = assemble(self.specs, outcomes, len(completions), self.on_error)
         result.metrics["perf/grading_s"] = time.perf_counter() - start
         return result
@@ -87,14 +108,22 @@ class RewardGrader:
         self.close()
 
 
-def _check_options(num_workers: int, timeout_s: float, memory_mb: int, on_error: float, batch_size: int) -> None:
+def _check_options(
+    num_workers: int, timeout_s: float, memory_mb: int, on_error: float, batch_size: int, max_error_frac: float
+) -> None:
     for key, value in (("num_workers", num_workers), ("memory_mb", memory_mb), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"reward.{key} must be a positive integer, got {value!r}")
-    if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
-        raise ConfigError(f"reward.timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    if not (isinstance(on_error, int | float) and math.isfinite(on_error)):
-        raise ConfigError(f"reward.on_error must be a finite number, got {on_error!r}")
+            raise ConfigError(f"reward.{key}={value!r}: a positive integer")
+    if not (_is_real(timeout_s) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ConfigError(f"reward.timeout_s={timeout_s!r}: a positive number of seconds")
+    if not (_is_real(on_error) and math.isfinite(on_error)):
+        raise ConfigError(f"reward.on_error={on_error!r}: a finite number")
+    if not (_is_real(max_error_frac) and 0.0 <= max_error_frac <= 1.0):
+        raise ConfigError(f"reward.max_error_frac={max_error_frac!r}: a fraction in [0, 1] (1 never stops the run)")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _as_text(completion: Any) -> str:
@@ -116,7 +145,7 @@ def assemble(specs: list[RewardSpec], outcomes: list[Outcome], batch: int, on_er
     for position, outcome in enumerate(outcomes):
         sample, spec = divmod(position, len(specs))
         name = specs[spec].name
-        if outcome.kind != "ok":
+        if outcome.kind not in ("ok", SKIPPED):
             errors[outcome.kind] += 1
             if errors[outcome.kind] == 1:
                 logger.warning("reward %s failed (%s) on sample %d: %s", name, outcome.kind, sample, outcome.message)

@@ -1,13 +1,15 @@
 """A pool of grader processes with per-call wall-clock deadlines enforced from outside the grader.
 
 Each worker gets chunks of calls and reports every call as it finishes, so the parent always knows which
-call is running and since when. A call past its deadline gets its worker (and the worker's process
-group) SIGKILLed and replaced; a worker that dies mid-call (segfault, os._exit, OOM kill) costs that call
-alone. The calls it had not started yet go back to the queue. Works from any thread and inside Ray actors:
-processes come from a multiprocessing forkserver (single-threaded, graders preloaded, so a replacement
-starts in milliseconds), never from forking the caller. Unlike plain multiprocessing, grader processes do
-not re-import the caller's ``__main__`` module: a script without an ``if __name__ == "__main__":`` guard
-works, and a Ray worker's entry module (which imports all of Ray) is not loaded into every grader.
+call is running and since when. A call past its deadline gets its worker (and every process it started,
+rltrain/grading/procs.py) SIGKILLed and replaced; a worker that dies mid-call (segfault, os._exit, OOM kill)
+costs that call alone. The calls it had not started yet go back to the queue. A ``stop_when`` hook (the
+error budget, rltrain/grading/limits.py) may end a batch early: its unfinished calls come back ``skipped``.
+Works from any thread and inside Ray actors: processes come from a multiprocessing forkserver (single-
+threaded, graders preloaded, so a replacement starts in milliseconds), never from forking the caller. Unlike
+plain multiprocessing, grader processes do not re-import the caller's ``__main__`` module: a script without an
+``if __name__ == "__main__":`` guard works, and a Ray worker's entry module (which imports all of Ray) is not
+loaded into every grader.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from __future__ import annotations
 import math
 import multiprocessing
 import multiprocessing.spawn
-import os
 import signal
 import threading
 import time
+import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from rltrain.grading.procs import kill_tree
 from rltrain.grading.worker import serve
 
 _START_TIMEOUT_S = 180.0  # a fresh worker imports the graders; slow on a loaded 2-core machine
@@ -54,9 +58,12 @@ def _install_main_module_filter() -> None:
 _install_main_module_filter()
 
 
+SKIPPED = "skipped"  # a call not run because its batch was already over its error budget: not the function's error
+
+
 @dataclass
 class Outcome:
-    """What one call produced: ``kind`` "ok" with its values, or an error kind with a short message."""
+    """What one call produced: ``kind`` "ok" with its values, an error kind with a short message, or skipped."""
 
     kind: str
     values: dict[str, float] = field(default_factory=dict)
@@ -69,28 +76,72 @@ class _Worker:
     process: Any
     conn: Connection
     started: float
+    tag: str  # RLTRAIN_GRADER_TAG of the programs it starts
     ready: bool = False
     in_flight: deque = field(default_factory=deque)  # task ids sent and not yet reported, in order
     current_since: float = 0.0  # when the call at the head of in_flight started (as seen from here)
 
 
-class GraderPool:
-    """``run(tasks)`` -> one Outcome per task; a task is ``(spec_index, completion, ground_truth, fields)``."""
+@dataclass
+class _Batch:
+    """The state of one ``run``: outcomes so far, calls not sent yet, and whether ``stop_when`` ended it."""
 
-    def __init__(self, functions: list[dict], num_workers: int, timeout_s: float, memory_mb: int, batch_size: int):
+    tasks: list[tuple]
+    stop_when: Callable[[tuple, Outcome], bool]
+    outcomes: list[Outcome | None]
+    pending: deque[int]
+    remaining: int
+    stopped: bool = False
+
+    def finish(self, task_id: int, outcome: Outcome) -> None:
+        self.outcomes[task_id] = outcome
+        self.remaining -= 1
+        if not self.stopped and self.stop_when(self.tasks[task_id], outcome):
+            self.stopped = True
+
+
+def _never(task: tuple, outcome: Outcome) -> bool:
+    return False
+
+
+class GraderPool:
+    """``run(tasks)`` -> one Outcome per task; a task is ``(spec_index, completion, ground_truth, fields)``.
+
+    ``tag`` marks the programs the workers start (``RLTRAIN_GRADER_TAG=<tag>/<n>``); a pool kills whatever
+    carries its tag when it starts (left by an earlier pool with the same tag, e.g. a killed reward actor)
+    and when it closes. None: a fresh random tag.
+    """
+
+    def __init__(
+        self,
+        functions: list[dict],
+        num_workers: int,
+        timeout_s: float,
+        memory_mb: int,
+        batch_size: int,
+        tag: str | None = None,
+    ):
         self._functions = functions
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
         self._batch_size = batch_size
+        self._tag = tag or f"rltrain-{uuid.uuid4().hex[:12]}"
+        kill_tree(None, self._tag)
+        self._spawned = 0
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(_PRELOAD)
         self._workers = [self._spawn() for _ in range(num_workers)]
         self._start_failures = 0
 
     def _spawn(self) -> _Worker:
+        self._spawned += 1
+        tag = f"{self._tag}/{self._spawned}"
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
-            target=serve, args=(child_conn, self._functions, self._memory_mb), name="rltrain-grader", daemon=True
+            target=serve,
+            args=(child_conn, self._functions, self._memory_mb, tag),
+            name="rltrain-grader",
+            daemon=True,
         )
         _STARTING.active = True
         try:
@@ -98,31 +149,34 @@ class GraderPool:
         finally:
             _STARTING.active = False
         child_conn.close()
-        return _Worker(process, parent_conn, started=time.monotonic())
+        return _Worker(process, parent_conn, started=time.monotonic(), tag=tag)
 
-    def run(self, tasks: list[tuple]) -> list[Outcome]:
-        """Grade every task; returns outcomes in task order. Raises RuntimeError if workers cannot start."""
-        pending: deque[int] = deque(range(len(tasks)))
-        outcomes: list[Outcome | None] = [None] * len(tasks)
-        remaining = len(tasks)
-        while remaining:
-            self._dispatch(tasks, pending)
+    def run(self, tasks: list[tuple], stop_when: Callable[[tuple, Outcome], bool] = _never) -> list[Outcome]:
+        """Grade every task; returns outcomes in task order. Once ``stop_when(task, outcome)`` is True for a
+        finished call, the calls not finished are not run (workers running them are replaced): ``skipped``.
+        Raises RuntimeError if workers cannot start."""
+        batch = _Batch(tasks, stop_when, [None] * len(tasks), deque(range(len(tasks))), len(tasks))
+        while batch.remaining and not batch.stopped:
+            self._dispatch(batch)
             ready = wait(self._waitables(), timeout=self._next_wakeup())
             for index, worker in enumerate(self._workers):
-                if worker.conn in ready or worker.process.sentinel in ready:
-                    remaining -= self._receive(index, outcomes, pending)
-            remaining -= self._enforce_deadlines(outcomes, pending)
-        return [outcome for outcome in outcomes if outcome is not None]
+                if not batch.stopped and (worker.conn in ready or worker.process.sentinel in ready):
+                    self._receive(index, batch)
+            self._enforce_deadlines(batch)
+        if batch.stopped:
+            self._skip_unfinished(batch)
+        return [outcome for outcome in batch.outcomes if outcome is not None]
 
-    def _dispatch(self, tasks: list[tuple], pending: deque[int]) -> None:
+    def _dispatch(self, batch: _Batch) -> None:
         idle = [w for w in self._workers if w.ready and not w.in_flight]
+        pending = batch.pending
         for worker in idle:
             if not pending:
                 return
             size = max(1, min(self._batch_size, math.ceil(len(pending) / len(self._workers))))
             chunk_ids = [pending.popleft() for _ in range(min(size, len(pending)))]
             try:
-                worker.conn.send([(task_id, *tasks[task_id]) for task_id in chunk_ids])
+                worker.conn.send([(task_id, *batch.tasks[task_id]) for task_id in chunk_ids])
             except (BrokenPipeError, OSError):
                 pending.extendleft(reversed(chunk_ids))  # the sentinel reports the dead worker next
                 continue
@@ -138,11 +192,11 @@ class GraderPool:
         deadlines += [w.started + _START_TIMEOUT_S for w in self._workers if not w.ready]
         return max(0.0, min(deadlines) - now) if deadlines else 1.0
 
-    def _receive(self, index: int, outcomes: list[Outcome | None], pending: deque[int]) -> int:
-        """Drain one worker's messages; handle its death. Returns how many tasks finished."""
-        worker, finished = self._workers[index], 0
+    def _receive(self, index: int, batch: _Batch) -> None:
+        """Drain one worker's messages; handle its death."""
+        worker = self._workers[index]
         try:
-            while worker.conn.poll():
+            while not batch.stopped and worker.conn.poll():
                 message = worker.conn.recv()
                 if message[0] == "ready":
                     worker.ready, self._start_failures = True, 0
@@ -155,15 +209,13 @@ class GraderPool:
                     now = time.monotonic()
                     elapsed, worker.current_since = now - worker.current_since, now
                     if kind == "ok":
-                        outcomes[task_id] = Outcome(kind, payload, elapsed_s=elapsed)
+                        batch.finish(task_id, Outcome(kind, payload, elapsed_s=elapsed))
                     else:
-                        outcomes[task_id] = Outcome(kind, message=payload, elapsed_s=elapsed)
-                    finished += 1
+                        batch.finish(task_id, Outcome(kind, message=payload, elapsed_s=elapsed))
         except (EOFError, OSError):
             pass
-        if not worker.process.is_alive():
-            finished += self._replace(index, outcomes, pending, "crash", self._death_message(worker))
-        return finished
+        if not batch.stopped and not worker.process.is_alive():
+            self._replace(index, batch, "crash", self._death_message(worker))
 
     @staticmethod
     def _death_message(worker: _Worker) -> str:
@@ -173,61 +225,55 @@ class GraderPool:
             return f"grader process killed by signal {signal.Signals(-code).name}"
         return f"grader process exited with code {code}"
 
-    def _enforce_deadlines(self, outcomes: list[Outcome | None], pending: deque[int]) -> int:
-        now, finished = time.monotonic(), 0
+    def _enforce_deadlines(self, batch: _Batch) -> None:
+        now = time.monotonic()
         for index, worker in enumerate(self._workers):
+            if batch.stopped:
+                return
             if worker.in_flight and now - worker.current_since > self._timeout_s:
                 message = f"call exceeded reward.timeout_s={self._timeout_s:g}; grader process killed"
-                finished += self._replace(index, outcomes, pending, "timeout", message)
+                self._replace(index, batch, "timeout", message)
             elif not worker.ready and now - worker.started > _START_TIMEOUT_S:
-                self._replace(index, outcomes, pending, "crash", "grader process did not start in time")
-        return finished
+                self._replace(index, batch, "crash", "grader process did not start in time")
 
-    def _replace(self, index: int, outcomes: list[Outcome | None], pending: deque[int], kind: str, why: str) -> int:
+    def _replace(self, index: int, batch: _Batch, kind: str, why: str) -> None:
         """Kill worker ``index``, charge its running call with ``kind``, requeue the rest, start a new one."""
         worker = self._workers[index]
         # The call's outcome is decided now; reaping the killed process (up to seconds for a large one
         # on a loaded machine) delays the pool, not this call's verdict.
         elapsed = time.monotonic() - worker.current_since
-        _kill_group(worker)
-        finished = 0
+        _kill(worker)
         if worker.in_flight:
-            outcomes[worker.in_flight.popleft()] = Outcome(kind, message=why, elapsed_s=elapsed)
-            finished = 1
-            pending.extendleft(reversed(worker.in_flight))
+            task_id = worker.in_flight.popleft()
+            batch.pending.extendleft(reversed(worker.in_flight))
+            batch.finish(task_id, Outcome(kind, message=why, elapsed_s=elapsed))
         elif not worker.ready:
             self._start_failures += 1
             if self._start_failures >= _MAX_START_FAILURES:
                 self.close()
                 raise RuntimeError(f"grader processes fail to start ({why}); {_MAX_START_FAILURES} tries")
         self._workers[index] = self._spawn()
-        return finished
+
+    def _skip_unfinished(self, batch: _Batch) -> None:
+        """After ``stop_when``: replace the workers still busy and mark every unfinished call skipped."""
+        for index, worker in enumerate(self._workers):
+            if worker.in_flight:
+                _kill(worker)
+                self._workers[index] = self._spawn()
+        for task_id, outcome in enumerate(batch.outcomes):
+            if outcome is None:
+                batch.outcomes[task_id] = Outcome(SKIPPED, message="not run: the batch was over its error budget")
 
     def close(self) -> None:
-        """Stop every worker (politely, then by SIGKILL of its process group)."""
+        """Kill every worker and everything the reward functions started (idempotent)."""
         for worker in self._workers:
-            try:
-                worker.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        deadline = time.monotonic() + 2.0
-        for worker in self._workers:
-            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-            _kill_group(worker)
+            _kill(worker)
             worker.conn.close()
         self._workers = []
+        kill_tree(None, self._tag)  # programs started by workers that died earlier (their parent chain is gone)
 
 
-def _kill_group(worker: _Worker) -> None:
-    """SIGKILL the worker's process group (the worker leads it once started), else the worker alone."""
-    pid = worker.process.pid
-    if pid is None:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _kill(worker: _Worker) -> None:
+    """SIGKILL the worker, its process group and every process it started; wait for the worker."""
+    kill_tree(worker.process.pid, worker.tag)
     worker.process.join(timeout=5.0)

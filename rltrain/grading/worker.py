@@ -1,8 +1,9 @@
 """Body of one grader process: resolve the reward functions, cap memory, grade task chunks, report each call.
 
 The process is forked from a multiprocessing forkserver (never from the trainer itself). It becomes the
-leader of its own process group so the parent can kill it and anything it started in one call, and it
-dies with the forkserver (PR_SET_PDEATHSIG), which dies with the parent. No torch import here.
+leader of its own process group and a child subreaper carrying an environment tag, so the parent can kill it
+and everything it started, even in other sessions (rltrain/grading/procs.py), and it dies with the
+forkserver (PR_SET_PDEATHSIG), which dies with the parent. No torch import here.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import math
 import os
 import resource
 import signal
+import sys
+import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from rltrain.grading.procs import TAG_VARIABLE, become_subreaper
 from rltrain.grading.resolve import call_reward, resolve_reward_functions
 
 ERROR_KINDS = ("exception", "timeout", "crash", "nonfinite", "memory")
@@ -22,10 +26,13 @@ _MAX_MESSAGE_CHARS = 300
 _PR_SET_PDEATHSIG = 1
 
 
-def serve(conn: Connection, functions: list[dict], memory_mb: int) -> None:
+def serve(conn: Connection, functions: list[dict], memory_mb: int, tag: str) -> None:
     """Worker main loop. Sends ("ready", pid) once, then (task_id, "ok", values) or (task_id, kind, message)
-    for every call, in order; a None message or a closed pipe ends it."""
+    for every call, in order; a None message or a closed pipe ends it. Programs the reward functions start
+    inherit ``RLTRAIN_GRADER_TAG=tag``."""
     os.setsid()
+    become_subreaper()
+    os.environ[TAG_VARIABLE] = tag
     _die_with_parent()
     try:
         specs = resolve_reward_functions(functions)
@@ -43,6 +50,7 @@ def serve(conn: Connection, functions: list[dict], memory_mb: int) -> None:
             return
         for task_id, spec_index, completion, ground_truth, fields in chunk:
             conn.send((task_id, *grade_one(specs[spec_index], completion, ground_truth, fields)))
+        _reap_orphans()
 
 
 def grade_one(spec: Any, completion: str, ground_truth: Any, fields: dict[str, Any]) -> tuple[str, Any]:
@@ -52,11 +60,34 @@ def grade_one(spec: Any, completion: str, ground_truth: Any, fields: dict[str, A
     except MemoryError:
         return "memory", "MemoryError: the call needed more than reward.memory_mb of address space"
     except BaseException as error:  # noqa: BLE001 - SystemExit, KeyboardInterrupt too: the worker lives on
-        return "exception", _short(f"{type(error).__name__}: {error}")
+        return "exception", _short(f"{type(error).__name__}: {error}") + _where(error, spec.fn)
     bad = sorted(name for name, value in values.items() if not math.isfinite(value))
     if bad:
         return "nonfinite", f"non-finite {bad}: {[values[name] for name in bad]}"
     return "ok", values
+
+
+def _where(error: BaseException, fn: Any) -> str:
+    """`` (at file.py:12 in name: source line)``: the last traceback frame in the reward function's file."""
+    code = getattr(fn, "__code__", None)
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    path = code.co_filename if code is not None else getattr(module, "__file__", None)
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == path]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return _short(f" (at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()})")
+
+
+def _reap_orphans() -> None:
+    """Collect exited children: as a subreaper this process adopts the orphans of what the functions started."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def _short(message: str) -> str:

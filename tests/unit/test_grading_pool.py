@@ -4,7 +4,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rltrain.grading import ERROR_KINDS, RewardGrader
+from rltrain.grading import ERROR_KINDS, RewardFunctionError, RewardGrader
+from rltrain.grading.limits import ErrorBudget, consecutive_timeout_limit
+from rltrain.grading.pool import SKIPPED, GraderPool
 
 TIMEOUT_S = 2.0
 BAD = """
@@ -24,7 +26,19 @@ def by_mode(completion, ground_truth):
         raise SystemExit(3)
     if completion == "hog":
         return len(bytearray(64 * 2**30))
+    if completion == "none":
+        return None
+    if completion == "string":
+        return "1.0"
     return 1.0
+"""
+HANGS = """
+import time
+
+def hangs(completion, ground_truth, started):
+    with open(started, "a") as log:
+        log.write("call\\n")
+    time.sleep(3600)
 """
 ADVERSARIAL = [
     "",
@@ -42,7 +56,8 @@ ADVERSARIAL = [
 @pytest.fixture(scope="module")
 def grader():
     functions = [{"fn": "math"}, {"fn": "gsm8k"}, {"fn": "countdown"}, {"fn": "format", "params": {"mode": "tags"}}]
-    with RewardGrader(functions, num_workers=2, timeout_s=TIMEOUT_S) as grader:
+    # containment is tested here, not the error budget: a loaded machine may time out a few calls in a row
+    with RewardGrader(functions, num_workers=2, timeout_s=TIMEOUT_S, max_error_frac=1.0) as grader:
         yield grader
 
 
@@ -68,11 +83,55 @@ def test_random_text_is_graded(grader, completions):
 def test_each_failure_costs_on_error_and_is_counted(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text(BAD)
-    modes = ["ok", "raise", "hang", "segfault", "nan", "exit", "hog", "ok"]
-    with RewardGrader([{"fn": f"{path}:by_mode"}], num_workers=2, timeout_s=1.0, memory_mb=256, on_error=-1.0) as g:
+    modes = ["ok", "raise", "hang", "segfault", "nan", "exit", "hog", "none", "string", "ok"]
+    options = {"num_workers": 2, "timeout_s": 1.0, "memory_mb": 256, "on_error": -1.0, "max_error_frac": 1.0}
+    with RewardGrader([{"fn": f"{path}:by_mode"}], **options) as g:
         result = g.grade(modes, [{"answer": None}] * len(modes))
         again = g.grade(["ok"] * 4, [{"answer": None}] * 4)  # the pool is whole again
-    assert result.rewards.tolist() == [1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 1.0]
+    assert result.rewards.tolist() == [1.0] + [-1.0] * 8 + [1.0]
     errors = {kind: result.metrics[f"reward/errors/{kind}"] for kind in ERROR_KINDS}
-    assert errors == {"exception": 2.0, "timeout": 1.0, "crash": 1.0, "nonfinite": 1.0, "memory": 1.0}
+    # None and a string are no reward: TypeError, counted with the exceptions
+    assert errors == {"exception": 4.0, "timeout": 1.0, "crash": 1.0, "nonfinite": 1.0, "memory": 1.0}
     assert again.rewards.tolist() == [1.0] * 4
+
+
+def test_failing_on_more_than_max_error_frac_raises_with_the_first_error(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(BAD)
+    functions = [{"fn": "format"}, {"fn": f"{path}:by_mode"}]
+    with RewardGrader(functions, num_workers=2, timeout_s=5.0, max_error_frac=0.5) as grader:
+        assert grader.grade(["raise", "nan", "ok", "ok"], [{"answer": None}] * 4).rewards.shape == (4,)  # 2 of 4
+        with pytest.raises(RewardFunctionError) as caught:
+            grader.grade(["ok", "raise", "none", "raise"], [{"answer": None}] * 4)
+        assert grader.grade(["ok"] * 2, [{"answer": None}] * 2).rewards.tolist() == [1.0, 1.0]  # usable after
+    message = str(caught.value)
+    assert f"reward function {path}:by_mode failed on 3 of 4 calls" in message
+    assert "reward.max_error_frac=0.5" in message
+    # the first failure in arrival order: one of the two raises, with the line of the user's file that raised
+    assert "First error: exception: RuntimeError: boom (at " in message and 'raise RuntimeError("boom")' in message
+
+
+def test_a_hanging_function_stops_the_batch_after_a_few_timeouts(tmp_path):
+    """All-hanging batch of 24 calls: only the first few start; the rest are skipped, not waited for."""
+    path, started = tmp_path / "hangs.py", tmp_path / "started.log"
+    path.write_text(HANGS)
+    functions = [{"fn": f"{path}:hangs", "params": {"started": str(started)}}]
+    with RewardGrader(functions, num_workers=2, timeout_s=0.5, batch_size=1) as grader:
+        with pytest.raises(RewardFunctionError, match="3 timeouts in a row"):
+            grader.grade(["x"] * 24, [{"answer": None}] * 24)
+    limit = consecutive_timeout_limit(2)
+    assert len(started.read_text().splitlines()) <= limit + 1  # the last replacement may have begun one more
+
+
+def test_the_pool_marks_calls_after_the_trip_skipped(tmp_path):
+    path, started = tmp_path / "hangs.py", tmp_path / "started.log"
+    path.write_text(HANGS)
+    portable = [{"fn": f"{path}:hangs", "weight": 1.0, "params": {"started": str(started)}}]
+    budget = ErrorBudget([portable[0]["fn"]], [12], 0.5, consecutive_timeout_limit(2))
+    pool = GraderPool(portable, num_workers=2, timeout_s=0.5, memory_mb=256, batch_size=4)
+    try:
+        outcomes = pool.run([(0, "x", None, {})] * 12, lambda task, outcome: budget.record(0, outcome.kind, ""))
+    finally:
+        pool.close()
+    kinds = [outcome.kind for outcome in outcomes]
+    assert kinds.count("timeout") == 3 and kinds.count(SKIPPED) == 9
