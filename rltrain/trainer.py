@@ -16,16 +16,27 @@ import time
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from rltrain import algo
+from rltrain.algo.kl import kl_token_penalty
 from rltrain.components import build_loss_fn, sampling_params
+from rltrain.config import ConfigError
+from rltrain.errors import RunError
 from rltrain.evaluation import correctness, evaluate
+from rltrain.metrics import LAST, MAX, MEAN, SUM, Metric, reduce_metrics, tagged
 from rltrain.prepare import Prepared
 from rltrain.runtime import Runtime
 from rltrain.sampling.flat import FlatSampler
 from rltrain.types import FinishReason, RolloutBatch, build_rollout_batch
 
 log = logging.getLogger(__name__)
+
+NONFINITE_SKIPPED = "loss/nonfinite_skipped"  # optimizer steps the learner skipped for a non-finite loss/gradient
+# Reductions of the plain-float metrics of the grader (per generation batch) and the learner (per optimizer
+# step); unlisted keys average. The grader's per-row means are measured again on the trained batch.
+_GRADER_REDUCTIONS = {"reward/errors/": SUM, "perf/": SUM, "perf/grading_call_max_s": MAX}
+_LEARNER_REDUCTIONS = {NONFINITE_SKIPPED: SUM, "perf/lr": LAST}
 
 
 def rollout_seed(run_seed: int, stream_state: dict[str, int]) -> int:
@@ -55,6 +66,48 @@ def build_sampler(cfg: DictConfig, runtime: Runtime, decode):
     return FlatSampler(runtime.generate, cfg.rollout.n)
 
 
+def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """What the trained batch looks like, measured on it: response lengths, truncation, the reward and each
+    reward part (``reward/<function>/mean``, ``reward/<function>/<metric>``); computed before the overlong
+    filter masks truncated responses."""
+    lengths = batch.response_mask.sum(-1)
+    parts = {key: value for key, value in batch.reward_parts.items() if key != "acc"}
+    return {
+        "rollout/response_len_mean": float(lengths.mean()),
+        "rollout/response_len_max": float(lengths.max()),
+        "rollout/truncated_frac": float((batch.finish_reason == FinishReason.LENGTH).float().mean()),
+        "reward/mean": float(batch.rewards.mean()),
+        "reward/std": float(batch.rewards.std()) if batch.batch_size > 1 else 0.0,
+        "reward/accuracy": float(batch.reward_parts["acc"].mean()),
+        # grader parts: a function's score is named "<function>", its extra metrics "<function>/<metric>"
+        **{f"reward/{key}{'' if '/' in key else '/mean'}": float(value.mean()) for key, value in parts.items()},
+    }
+
+
+def minibatch_rows(group: Tensor, epochs: int, mini_batches: int, generator: torch.Generator) -> list[Tensor]:
+    """Row indices of each optimizer step: ``epochs`` passes of ``mini_batches`` chunks of whole groups.
+
+    group [B] long (rows with one id form a group) -> epochs * mini_batches index tensors. Each pass splits
+    the groups into ``mini_batches`` near-equal runs of groups (never cutting one); with ``epochs > 1`` the
+    group order is shuffled each pass (``generator``); a group's rows keep their order.
+    """
+    index = torch.unique(group, return_inverse=True)[1]
+    num_groups = int(index.max()) + 1 if index.numel() else 0
+    if epochs < 1:
+        raise ConfigError(f"algorithm.epochs={epochs}: at least 1")
+    if not 1 <= mini_batches <= num_groups:
+        raise ConfigError(
+            f"algorithm.mini_batches={mini_batches}: 1 to the batch's {num_groups} groups "
+            "(trainer.prompts_per_step; a mini-batch holds whole groups)"
+        )
+    rows_of_group = [torch.nonzero(index == g).flatten() for g in range(num_groups)]
+    passes = []
+    for _ in range(epochs):
+        order = torch.randperm(num_groups, generator=generator) if epochs > 1 else torch.arange(num_groups)
+        passes += [torch.cat([rows_of_group[g] for g in chunk.tolist()]) for chunk in order.tensor_split(mini_batches)]
+    return passes
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, prep: Prepared, runtime: Runtime):
         from rltrain.data.stream import PromptStream
@@ -79,8 +132,9 @@ class Trainer:
         self.next_group_id = int(state["next_group_id"])
 
     # ---- rollout ----------------------------------------------------------------------------
-    def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """One generation batch from the prompt stream: sampled, graded, overlong-shaped."""
+    def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, Metric]]:
+        """One generation batch from the prompt stream: sampled, graded, overlong-shaped; its counters, times
+        and sampler statistics, each tagged with its reduction over generation batches."""
         prep = self.prep
         params = dataclasses.replace(self.params, seed=rollout_seed(self.cfg.run.seed, self.stream.state_dict()))
         indices = [row["index"] for row in self.stream.next_batch()]
@@ -106,48 +160,41 @@ class Trainer:
         graded = self.runtime.grade(completions, rows)
         rewards = graded.rewards.float()
         ac = self.cfg.algorithm
-        lengths = batch.response_mask.sum(-1)
         if ac.overlong_buffer > 0:
             rewards = rewards + algo.overlong_penalty(
-                lengths, self.cfg.rollout.max_tokens, ac.overlong_buffer, ac.overlong_penalty
+                batch.response_mask.sum(-1), self.cfg.rollout.max_tokens, ac.overlong_buffer, ac.overlong_penalty
             )
         parts = {**graded.parts, "acc": correctness(graded.parts, graded.rewards, prep.primary_reward).float()}
-        batch = batch.replace(rewards=rewards, reward_parts=parts)
-        truncated = (batch.finish_reason == FinishReason.LENGTH).float()
         metrics = {
-            **graded.metrics,
-            "rollout/response_len_mean": float(lengths.mean()),
-            "rollout/response_len_max": float(lengths.max()),
-            "rollout/truncated_frac": float(truncated.mean()),
-            "rollout/prefill_computed": float(traj.stats.prefill_computed),
-            "rollout/prefill_reused": float(traj.stats.prefill_reused),
-            "rollout/decoded": float(traj.stats.decoded),
-            "perf/rollout_s": rollout_s,
+            **tagged(graded.metrics, MEAN, _GRADER_REDUCTIONS),
+            **traj.metrics,
+            "rollout/prefill_computed": Metric(float(traj.stats.prefill_computed), SUM),
+            "rollout/prefill_reused": Metric(float(traj.stats.prefill_reused), SUM),
+            "rollout/decoded": Metric(float(traj.stats.decoded), SUM),
+            "perf/rollout_s": Metric(rollout_s, SUM),
         }
-        if ac.overlong_filter:
-            batch = batch.replace(response_mask=batch.response_mask * (1.0 - truncated)[:, None])
-        return batch, metrics
+        return batch.replace(rewards=rewards, reward_parts=parts), metrics
 
     def collect(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """A full training batch; with dynamic sampling, keep pulling generation batches until it is full."""
+        """A full training batch; with dynamic sampling, keep pulling generation batches until it is full.
+
+        The generation batches' metrics are combined by their reductions; what describes the trained batch
+        itself (lengths, rewards) is measured on it afterwards (``batch_metrics``).
+        """
         ac = self.cfg.algorithm
         if not ac.dynamic_sampling:
             batch, metrics = self.rollout(step)
-            return batch, {**metrics, "rollout/gen_batches": 1.0}
+            return batch, {**reduce_metrics([metrics]), "rollout/gen_batches": 1.0}
         group_filter = algo.GroupFilter(
             self.cfg.trainer.prompts_per_step, metric=ac.filter_metric, max_gen_batches=ac.max_gen_batches
         )
-        perf: dict[str, float] = {}
+        records = []
         while not group_filter.is_full:
             batch, metrics = self.rollout(step)
             group_filter.add(batch)
-            # times, error counts and token accounting add up over generation batches
-            summed = ("perf/", "reward/errors/", "rollout/prefill_", "rollout/decoded")
-            for key in [k for k in metrics if k.startswith(summed)]:
-                perf[key] = perf.get(key, 0.0) + metrics[key]
-        metrics.update(perf)
+            records.append(metrics)
         return group_filter.take(), {
-            **metrics,
+            **reduce_metrics(records),
             **group_filter.metrics(),
             "rollout/gen_batches": float(group_filter.gen_batches),
         }
@@ -156,14 +203,7 @@ class Trainer:
     def step(self, step: int) -> dict[str, float]:
         start = time.time()
         batch, metrics = self.collect(step)
-        reward_mean = float(batch.rewards.mean())
-        metrics.update(
-            {
-                "reward/mean": reward_mean,
-                "reward/std": float(batch.rewards.std()),
-                "reward/accuracy": float(batch.reward_parts["acc"].mean()),
-            }
-        )
+        metrics.update(batch_metrics(batch))
         t0 = time.time()
         old = self.runtime.logprobs(batch)
         mask = batch.response_mask
@@ -171,45 +211,68 @@ class Trainer:
         metrics["rollout/logprob_diff"] = diff
         self.check_logprob_diff(diff)
         ref = self.runtime.logprobs(batch, reference=True) if self.cfg.learner.use_reference else None
-        batch = batch.replace(old_logprobs=old, ref_logprobs=ref)
-        ac = self.cfg.algorithm
-        if ac.kl_in_reward and ac.kl_coef > 0:
-            batch = batch.replace(rewards=batch.rewards - algo.kl_reward_penalty(batch, ac.kl_coef, ac.kl_estimator))
-        advantages = algo.advantages_for_batch(batch, ac.advantage, OmegaConf.to_container(ac.advantage_params))
-        batch = batch.replace(advantages=advantages)
-        if ac.thr:
-            batch = batch.replace(
-                extras={**batch.extras, **self.runtime.forward_extras(batch, algo.thr_extras_from_forward)}
-            )
-        adv = advantages[mask > 0]
-        metrics.update(
-            {"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_mean": float(adv.abs().mean())}
-        )
+        batch, advantage_metrics = self.advantages(batch.replace(old_logprobs=old, ref_logprobs=ref))
+        metrics.update(advantage_metrics)
         metrics["perf/logprobs_s"] = time.time() - t0
         t0 = time.time()
-        metrics.update(self.train(batch))
+        metrics.update(self.train(batch, step))
         metrics["perf/train_s"] = time.time() - t0
         metrics.update(self.runtime.sync_weights(step))
         metrics["perf/step_time_s"] = time.time() - start
         return metrics
 
-    def train(self, batch: RolloutBatch) -> dict[str, float]:
-        """``epochs`` passes of ``mini_batches`` optimizer steps (whole groups stay together)."""
+    def advantages(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+        """KL in the reward, advantages, the overlong filter, THR extras.
+
+        The overlong filter comes after the advantages: truncated rows keep their place in the group
+        statistics, only their tokens leave the loss (algo/filters.py).
+        """
         ac = self.cfg.algorithm
-        totals: dict[str, float] = {}
-        count = 0
-        for _ in range(ac.epochs):
-            order = torch.randperm(batch.batch_size) if ac.epochs > 1 else torch.arange(batch.batch_size)
-            for chunk in torch.tensor_split(order, ac.mini_batches):
-                for key, value in self.runtime.train_step(batch.select(chunk), self.loss_fn).items():
-                    totals[key] = totals.get(key, 0.0) + value
-                count += 1
-        return {key: value / count for key, value in totals.items()}
+        metrics: dict[str, float] = {}
+        kl_penalty = None
+        if ac.kl_in_reward and ac.kl_coef > 0:
+            kl_penalty = kl_token_penalty(batch, ac.kl_coef, ac.kl_estimator)
+            metrics["reward/kl_penalty"] = float(kl_penalty.sum(dim=1).mean())
+        params = OmegaConf.to_container(ac.advantage_params)
+        batch = batch.replace(advantages=algo.advantages_for_batch(batch, ac.advantage, params, kl_penalty))
+        if ac.overlong_filter:
+            batch = algo.apply_overlong_filter(batch)
+        if ac.thr:
+            batch = batch.replace(
+                extras={**batch.extras, **self.runtime.forward_extras(batch, algo.thr_extras_from_forward)}
+            )
+        adv = batch.advantages[batch.response_mask > 0]
+        if adv.numel():
+            metrics.update(
+                {"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_mean": float(adv.abs().mean())}
+            )
+        return batch, metrics
+
+    def train(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+        """``epochs`` passes of ``mini_batches`` optimizer steps, each over whole groups (``minibatch_rows``)."""
+        ac = self.cfg.algorithm
+        seed = random.Random(f"{self.cfg.run.seed}:minibatch:{step}").getrandbits(63)
+        records = []
+        for rows in minibatch_rows(batch.group, ac.epochs, ac.mini_batches, torch.Generator().manual_seed(seed)):
+            record = tagged(self.runtime.train_step(batch.select(rows), self.loss_fn), MEAN, _LEARNER_REDUCTIONS)
+            records.append(record)
+            self.check_nonfinite(step, record)
+        return reduce_metrics(records)
+
+    def check_nonfinite(self, step: int, record: dict[str, Metric]) -> None:
+        """With ``trainer.on_nonfinite=stop``, an optimizer step the learner skipped stops the run."""
+        skipped = record.get(NONFINITE_SKIPPED)
+        if self.cfg.trainer.on_nonfinite == "stop" and skipped is not None and skipped.value > 0:
+            raise RunError(
+                f"step {step}: the loss or gradient was not finite, so the learner skipped the update "
+                "(trainer.on_nonfinite=stop); lower learner.lr, set learner.grad_clip, or set "
+                "trainer.on_nonfinite=skip to skip such updates and go on"
+            )
 
     def check_logprob_diff(self, diff: float) -> None:
         rc = self.cfg.rollout
         if diff > rc.logprob_diff_error:
-            raise RuntimeError(
+            raise RunError(
                 f"rollout/logprob_diff={diff:.4f} > rollout.logprob_diff_error={rc.logprob_diff_error}: the rollout "
                 "engine is not sampling from the learner's weights (weight sync skipped or failed, a different "
                 "model/dtype, or mismatched sampling temperature)"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from rltrain.metrics import Metric
 from rltrain.rollout.base import total_stats
 from rltrain.types import GenRequest, GenResult, SamplingParams, TokenStats
 
@@ -23,7 +24,8 @@ class Trajectories:
 
     The response of trajectory i is ``prefixes[i] + results[i].token_ids`` (tree paths carry their
     earlier segments in ``prefixes``; flat sampling leaves them empty). ``ancestors`` [N,D] is set by
-    tree samplers only.
+    tree samplers only. ``metrics``: the sampler's own statistics of this call, each with its reduction
+    (``rltrain.metrics``), logged by the trainer.
     """
 
     prompt_index: list[int]
@@ -33,6 +35,7 @@ class Trajectories:
     ancestors: Tensor | None = None
     stats: TokenStats = field(default_factory=TokenStats)
     generate_calls: int = 0
+    metrics: dict[str, Metric] = field(default_factory=dict)
 
 
 class FlatSampler:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from rltrain.metrics import SUM, Metric
 from rltrain.rollout.base import total_stats
 from rltrain.sampling.flat import GenerateFn, Trajectories
 from rltrain.sampling.tree import (
@@ -154,7 +155,9 @@ class TreeSampler:
             **{f"leaves_{FinishReason(r).name.lower()}": c for r, c in Counter(leaf.reason for leaf in leaves).items()},
         }
         log.debug("tree sampler: %s", self.last_counts)
-        return _trajectories(leaves, stats, calls)
+        traj = _trajectories(leaves, stats, calls)
+        traj.metrics = {f"tree/{name}": Metric(float(count), SUM) for name, count in self.last_counts.items()}
+        return traj
 
     def _generate_round(
         self, prompts: list[tuple[int, ...]], live: list[Path], params: SamplingParams, calls_before: int

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rltrain.metrics import SUM, Metric
 from rltrain.sampling.tree_sampler import TreeSampler
 from rltrain.types import FinishReason, GenRequest, GenResult, SamplingParams, TokenStats
 
@@ -170,6 +171,8 @@ def test_fallback_restarts_from_a_segment_boundary_of_a_stopped_path():
     traj = sampler.sample([[1]], params(12))
     check_tree(traj, [[1]], 16, 6, 12, segment_len=2)
     assert sampler.last_counts["restarts"] > 0
+    assert traj.metrics["tree/restarts"] == Metric(float(sampler.last_counts["restarts"]), SUM)
+    assert traj.metrics["tree/leaves_stop"].value == 16 and traj.metrics["tree/rounds"].value >= 3
     stopped = {prefix + r.token_ids for prefix, r in zip(traj.prefixes, traj.results)}
     first_round_leaves = 8
     restart_requests = [r for requests, _ in gen.calls[3:] for r in requests if len(r.prefix_ids) in (0, 2)]
