@@ -64,16 +64,18 @@ class ErrorBudget:
                 self.tripped, self._why = spec_index, ""
             elif tally.timeouts_in_row >= self._timeouts_in_row_limit:
                 self.tripped = spec_index
-                self._why = f" (stopped early: {tally.timeouts_in_row} timeouts in a row)"
+                self._why = f"stopped early after {tally.timeouts_in_row} timeouts in a row"
         return self.tripped is not None
 
     def error(self, skipped: int) -> RewardFunctionError:
         """The error naming the tripped function; ``skipped``: calls of the batch not run after the trip."""
         assert self.tripped is not None, "error() is for a tripped budget"
         tally = self._tallies[self.tripped]
-        not_run = f" ({skipped} calls of the batch left unrun)" if skipped else ""
+        notes = [self._why] if self._why else []
+        notes += [f"{skipped} calls of the batch left unrun"] if skipped else []
+        notes_text = f" ({'; '.join(notes)})" if notes else ""
         return RewardFunctionError(
-            f"reward function {tally.ref} failed on {tally.failed} of {tally.calls} calls in one batch{self._why}"
-            f"{not_run}; more than reward.max_error_frac={self._max_error_frac:g} allows. First error: "
-            f"{tally.first_error}"
+            f"reward function {tally.ref} failed on {tally.failed} of {tally.calls} calls in one batch"
+            f"{notes_text}; more than reward.max_error_frac={self._max_error_frac:g} allows. "
+            f"First error: {tally.first_error}"
         )
