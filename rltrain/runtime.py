@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,12 +19,12 @@ from rltrain.dist.groups import (
     RolloutGroup,
     TorchLearnerGroup,
     create_reward_worker,
-    rollout_gpus,
+    get_named,
+    naming_dead_actors,
     start_ray,
     stop_ray,
 )
-from rltrain.dist.placement import PlacementPlan, actor_options, plan_placement, release, reserve
-from rltrain.errors import RunError
+from rltrain.dist.placement import PlacementPlan, actor_options, gpus_per_actor, plan_placement, release, reserve
 from rltrain.learner.base import LossFn
 from rltrain.types import GenRequest, GenResult, RolloutBatch, SamplingParams
 
@@ -48,8 +47,6 @@ def _cluster_gpus() -> float:
 
 
 def grader_options(reward_cfg: DictConfig) -> dict[str, Any]:
-    """RewardGrader arguments from ``reward``; a fresh process tag, kept by whoever re-creates the grader with
-    these options (a replacement reward actor then kills what its dead predecessor's functions left running)."""
     return {
         "functions": OmegaConf.to_container(reward_cfg.functions, resolve=True),
         "num_workers": reward_cfg.num_workers,
@@ -57,13 +54,7 @@ def grader_options(reward_cfg: DictConfig) -> dict[str, Any]:
         "memory_mb": reward_cfg.memory_mb,
         "on_error": reward_cfg.on_error,
         "batch_size": reward_cfg.batch_size,
-        "max_error_frac": reward_cfg.max_error_frac,
-        "process_tag": f"rltrain-{uuid.uuid4().hex[:12]}",
     }
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def learner_options(cfg: DictConfig, total_optimizer_steps: int) -> dict[str, Any]:
@@ -103,14 +94,15 @@ def rollout_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def plan_run_placement(cfg: DictConfig, cluster_gpus: float) -> PlacementPlan:
-    """The run's bundles: GPUs go to vLLM engines (tensor-parallel size each) and to DeepSpeed ranks when the
-    cluster has one per rank, as the groups decided before placement groups."""
+    """The run's bundles, with the GPUs ``gpus_per_actor`` gives each rollout worker and learner rank."""
     ranks = cfg.learner.world_size
-    learner_gpus = 1 if cfg.learner.backend == "deepspeed" and cluster_gpus >= ranks else 0
+    rollout_gpus, learner_gpus = gpus_per_actor(
+        cluster_gpus, cfg.rollout.engine, cfg.rollout.tensor_parallel_size, cfg.learner.backend, ranks
+    )
     return plan_placement(
         cfg.cluster.placement,
         num_rollout=cfg.rollout.num_workers,
-        rollout_gpus=rollout_gpus(cfg.rollout.engine, rollout_options(cfg), cluster_gpus),
+        rollout_gpus=rollout_gpus,
         learner_ranks=ranks,
         learner_gpus=learner_gpus,
     )
@@ -155,13 +147,11 @@ class Runtime:
             },
             placements=[actor_options(self.placement_group, slot) for slot in plan.rollout],
         )
-        self._reward_args = {
-            "threads": 1,
-            "grader_options": grader_options(cfg.reward),
-            "placement": actor_options(self.placement_group, plan.reward),
-        }
-        self.reward = create_reward_worker(**self._reward_args)
-        self.reward_replacements = 0
+        self.reward = create_reward_worker(
+            threads=1,
+            grader_options=grader_options(cfg.reward),
+            placement=actor_options(self.placement_group, plan.reward),
+        )
         self.learner = create_learner_group(
             cfg,
             model_path,
@@ -207,39 +197,9 @@ class Runtime:
         return self.rollout.generate(requests, params)
 
     def grade(self, completions: list[str], rows: list[dict]):
-        """The reward actor's GradeResult, with ``reward/worker_replacements`` (over the run) in its metrics.
-
-        A RunError raised in the actor (a reward function over ``reward.max_error_frac``) is raised here as
-        itself. A dead reward actor (stateless) is replaced in its placement and the call re-run once; a
-        second death in the same call raises RunError.
-        """
         import ray
 
-        try:
-            result = self._grade_once(completions, rows)
-        except ray.exceptions.RayActorError as err:
-            log.warning("the reward worker died (%s); replacing it and grading the batch again", _first_line(err))
-            ray.kill(self.reward)
-            self.reward = create_reward_worker(**self._reward_args)
-            self.reward_replacements += 1
-            try:
-                result = self._grade_once(completions, rows)
-            except ray.exceptions.RayActorError as again:
-                raise RunError(
-                    f"the reward worker (Ray actor RewardWorker) died twice grading one batch: {_first_line(again)}"
-                ) from None
-        result.metrics["reward/worker_replacements"] = float(self.reward_replacements)
-        return result
-
-    def _grade_once(self, completions: list[str], rows: list[dict]):
-        import ray
-
-        try:
-            return ray.get(self.reward.grade.remote(completions, rows))
-        except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, RunError):
-                raise err.cause from None
-            raise
+        return ray.get(self.reward.grade.remote(completions, rows))
 
     def logprobs(self, batch: RolloutBatch, reference: bool = False):
         self.set_rollout_awake(False)
@@ -259,7 +219,7 @@ class Runtime:
 
         A collective sync that fails (a worker died mid-broadcast, a timeout) is counted in
         ``rollout/weight_sync_fallbacks``, logged, and redone through the object store, which also replaces
-        dead workers; the sync group is rebuilt before the next sync.
+        dead workers; the sync group is rebuilt before the next sync. A dead learner is a RunError naming it.
         """
         start = time.time()
         self.set_rollout_awake(True)
@@ -275,7 +235,9 @@ class Runtime:
                 self._close_sync_group()
             metrics["rollout/weight_sync_fallbacks"] = self.sync_fallbacks
         if versions is None:
-            versions = self.rollout.load_weights(self.learner.export_weights_ref(), version)
+            # The rollout workers resolve the learner's export themselves: its death reaches us through them.
+            with naming_dead_actors(self.learner.labels, "weight sync"):
+                versions = self.rollout.load_weights(self.learner.export_weights_ref(), version)
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync: rollout workers report versions {versions}, expected {version}")
         metrics["perf/weight_sync_s"] = time.time() - start
@@ -283,31 +245,28 @@ class Runtime:
 
     def _broadcast_weights(self, version: int) -> tuple[list[int], dict[str, int]]:
         """One collective sync (opening the group first if needed); returns worker versions and the sender's stats."""
-        import ray
-
         if self._sync_group_replacements != self.rollout.replacements:
             self._open_sync_group()
         sender = self.learner.broadcast_weights_refs(self.sync_cfg.weight_sync_bucket_mb)
         receivers = self.rollout.receive_weights_refs(version)
-        results = ray.get(sender + receivers)
+        results = get_named(sender + receivers, self.learner.labels, "weight sync")
         # A worker replaced later (mid-generate) fetches these weights from the learner on demand.
         self.rollout.remember_weights(self.learner.export_weights_ref, version)
         return results[len(sender) :], results[0]
 
     def _open_sync_group(self) -> None:
         """(Re)build the group: the learner's sender is rank 0, rollout worker i is rank 1 + i."""
-        import ray
-
         self._close_sync_group()
         sender = self.learner.sync_sender()
-        address = ray.get(sender.weight_sync_address.remote())
-        backend = "nccl" if self.learner.use_gpu else "gloo"
         timeout = self.sync_cfg.weight_sync_timeout_s
+        what = "weight-sync group set-up"
+        address = get_named([sender.weight_sync_address.remote()], self.learner.labels, what, timeout_s=timeout)[0]
+        backend = "nccl" if self.learner.use_gpu else "gloo"
         world_size = 1 + len(self.rollout.workers)
-        ray.get(
-            [sender.open_weight_sync.remote(address, world_size, backend, timeout)]
-            + self.rollout.open_weight_sync_refs(address, backend, timeout)
-        )
+        refs = [sender.open_weight_sync.remote(address, world_size, backend, timeout)]
+        refs += self.rollout.open_weight_sync_refs(address, backend, timeout)
+        # Each member's store and group creation fail after ``timeout``; the margin covers queueing behind them.
+        get_named(refs, self.learner.labels, what, timeout_s=2 * timeout + 30)
         self._sync_group_replacements = self.rollout.replacements
         log.info("weight-sync group open: %d ranks over %s at %s:%d", world_size, backend, *address)
 
@@ -330,6 +289,7 @@ class Runtime:
         self.learner.load(directory)
 
     def shutdown(self) -> None:
+        """Stop every actor; bounded even with dead actors or a lost cluster (kills do not wait for replies)."""
         import ray
 
         try:

@@ -7,7 +7,8 @@ Ray cluster has a GPU for every rank). A batch is sharded across ranks by whole 
 single-process learner's step on the whole batch (see rltrain/learner/deepspeed_learner.py).
 
 All rank methods are collective: a failure on one rank leaves the others blocked in a collective, so the
-group shuts itself down and re-raises the first error instead of hanging.
+group shuts itself down and re-raises the first error instead of hanging (a dead rank as a RunError naming it,
+``get_named`` in rltrain/dist/groups.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 
+from rltrain.dist.groups import actor_labels, get_named
+from rltrain.dist.placement import actor_uses_gpu, gpus_per_actor
 from rltrain.dist.weight_sync import WeightSender, free_address
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.types import RolloutBatch
@@ -158,40 +161,33 @@ class DeepSpeedLearnerGroup:
         self.micro_batch_size = int(rank_options["micro_batch_size"])
         self.use_reference = bool(rank_options.get("use_reference", False))
         if placements is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= self.world_size else 0
+            gpus = gpus_per_actor(ray.cluster_resources().get("GPU", 0), "torch", 1, "deepspeed", self.world_size)[1]
             placements = [{"num_cpus": 1, "num_gpus": gpus}] * self.world_size
-        self.use_gpu = placements[0]["num_gpus"] > 0
+        self.use_gpu = actor_uses_gpu(placements[0])
         remote = ray.remote(
             max_restarts=0,
             # Exported CPU tensors go into the object store without an in-memory pickled copy (see export_weights).
             runtime_env={"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}},
         )(DeepSpeedRankWorker)
         self.workers = [remote.options(**placements[rank]).remote(threads) for rank in range(self.world_size)]
-        master = self._gather([self.workers[0].rendezvous_address.remote()])[0]
+        self.labels = actor_labels("learner rank", self.workers)
+        master = self._gather([self.workers[0].rendezvous_address.remote()], "rendezvous")[0]
         backend = "nccl" if self.use_gpu else "gloo"
         self._gather(
             [
                 worker.setup.remote(model_path, rank, self.world_size, master, backend, rank_options)
                 for rank, worker in enumerate(self.workers)
-            ]
+            ],
+            "setup",
         )
 
-    def _gather(self, refs: list) -> list:
-        """ray.get that fails fast: the first rank error shuts the group down (its peers would block) and is raised."""
-        import ray
-
-        pending = list(refs)
+    def _gather(self, refs: list, what: str) -> list:
+        """ray.get that fails fast: the first rank error shuts the group down (its peers would block) and is raised,
+        a dead rank as a RunError naming it."""
         with warnings.catch_warnings():
             # Zero-copy tensors arrive read-only; the group copies them (logprobs) and never writes into them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            try:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    ray.get(done)
-            except Exception:
-                self.shutdown()
-                raise
-            return ray.get(refs)
+            return get_named(refs, self.labels, what, on_failure=self.shutdown)
 
     def _plan(self, batch: RolloutBatch) -> tuple[list[list[int]], int, RolloutBatch]:
         if batch.batch_size == 0:
@@ -209,7 +205,8 @@ class DeepSpeedLearnerGroup:
             [
                 worker.logprobs.remote(batch.select(shard), reference, num_micro, filler)
                 for worker, shard in zip(self.workers, shards)
-            ]
+            ],
+            "logprobs",
         )
         out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
         for shard, part in zip(shards, parts):
@@ -225,7 +222,8 @@ class DeepSpeedLearnerGroup:
             [
                 worker.train_step.remote(batch.select(shard), loss_fn, norm, num_micro, filler)
                 for worker, shard in zip(self.workers, shards)
-            ]
+            ],
+            "train_step",
         )
         metrics: dict[str, float] = {}
         for contributions, _ in results:
@@ -248,16 +246,18 @@ class DeepSpeedLearnerGroup:
         Under ZeRO-3 rank 0 assembles it from buckets of at most ``export_bucket_mb``, so the full model exists
         once in rank 0's memory plus once in the object store; ``export_weight_bucket_refs`` avoids the former.
         """
-        return self._gather([worker.export_weights.remote(False) for worker in self.workers])[0][0]
+        return self._gather([worker.export_weights.remote(False) for worker in self.workers], "weight export")[0][0]
 
     def export_weight_bucket_refs(self, bucket_mb: int | None = None) -> list:
         """Object refs to {hf_name: cpu tensor} buckets of at most ``bucket_mb`` (default ``export_bucket_mb``)
         each, in parameter order."""
-        return self._gather([worker.export_weights.remote(True, bucket_mb) for worker in self.workers])[0]
+        return self._gather(
+            [worker.export_weights.remote(True, bucket_mb) for worker in self.workers], "weight export"
+        )[0]
 
     def save(self, directory: str) -> None:
         """ZeRO state in ``directory/deepspeed/`` + an HF model dir in ``directory`` (one shared filesystem)."""
-        self._gather([worker.save.remote(directory) for worker in self.workers])
+        self._gather([worker.save.remote(directory) for worker in self.workers], "save")
 
     def load(self, directory: str) -> None:
         """Resume the ZeRO state saved by ``save`` with the same world_size and zero_stage; call before training."""
@@ -265,7 +265,7 @@ class DeepSpeedLearnerGroup:
 
         # On the driver, before any rank loads: a mismatch is a plain ConfigError and the group stays usable.
         check_checkpoint(directory, world_size=self.world_size, zero_stage=self.zero_stage)
-        self._gather([worker.load.remote(directory) for worker in self.workers])
+        self._gather([worker.load.remote(directory) for worker in self.workers], "load")
 
     def actors(self) -> list:
         return list(self.workers)

@@ -6,16 +6,23 @@ the cluster run are one code path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rltrain.dist.actors import LearnerWorker, RewardWorker, RolloutWorker
+from rltrain.dist.placement import actor_uses_gpu
+from rltrain.errors import RunError
 from rltrain.types import GenRequest, GenResult, SamplingParams
 
 log = logging.getLogger(__name__)
+
+# A lost local Ray head makes Ray end the driver after this many seconds without the GCS (Ray's default: 60).
+LOCAL_GCS_RECONNECT_TIMEOUT_S = 20
 
 
 def start_ray(mode: str, address: str | None, num_cpus: int | None, cpus_needed: float) -> bool:
@@ -29,6 +36,8 @@ def start_ray(mode: str, address: str | None, num_cpus: int | None, cpus_needed:
     if mode == "address":
         ray.init(address=address or "auto", log_to_driver=True)
         return True
+    # Read by the driver and the head at start-up: a killed head ends the run in bounded time, never a hang.
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(LOCAL_GCS_RECONNECT_TIMEOUT_S))
     # Logical CPUs may exceed physical ones: rollout, grading and learning take turns in this loop.
     logical = max(num_cpus or os.cpu_count() or 1, int(cpus_needed + 0.999))
     ray.init(num_cpus=logical, include_dashboard=False, log_to_driver=True)
@@ -40,6 +49,74 @@ def stop_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def _pid(actor_instance) -> int:
+    return os.getpid()
+
+
+def actor_labels(role: str, actors: Sequence[Any], timeout_s: float | None = None) -> dict[str, str]:
+    """{actor id: "<role> <i> (actor <id>, pid <pid>)"}: how a RunError names a dead actor. Waits until every
+    actor has started (its pid is asked once, now: a dead process cannot be asked)."""
+    pids = get_named([actor.__ray_call__.remote(_pid) for actor in actors], {}, f"{role} start-up", timeout_s)
+    return {
+        actor._actor_id.hex(): f"{role} {index} (actor {actor._actor_id.hex()[:12]}, pid {pid})"
+        for index, (actor, pid) in enumerate(zip(actors, pids))
+    }
+
+
+def _cause(err: Exception) -> str:
+    """The one-line reason inside a Ray actor error (its first line that is neither Ray's preamble nor a field)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("\t")]
+    reason = lines[min(1, len(lines) - 1)] if lines else type(err).__name__
+    return reason if len(reason) <= 240 else reason[:237] + "..."
+
+
+@contextlib.contextmanager
+def naming_dead_actors(labels: dict[str, str], what: str) -> Iterator[None]:
+    """Turn the death of an actor in ``labels`` (actor id -> label) into a RunError naming it; a lost Ray cluster
+    into a RunError saying so. Other errors pass through."""
+    import ray
+
+    try:
+        yield
+    except ray.exceptions.RayActorError as err:
+        if err.actor_id not in labels:
+            raise
+        raise RunError(
+            f"{labels[err.actor_id]} died during {what}: {_cause(err)}; resume with run.resume=auto"
+        ) from None
+    except (ray.exceptions.RaySystemError, ray.exceptions.RpcError, ray.exceptions.LocalRayletDiedError) as err:
+        raise RunError(f"lost the Ray cluster during {what} ({_cause(err)}); resume with run.resume=auto") from None
+
+
+def get_named(
+    refs: Sequence[Any],
+    labels: dict[str, str],
+    what: str,
+    timeout_s: float | None = None,
+    on_failure: Callable[[], None] | None = None,
+) -> list:
+    """``ray.get(refs)`` that fails at the first failed ref (peers of a collective would block) and names a dead
+    actor of ``labels`` (see ``naming_dead_actors``). ``on_failure`` runs before the error is raised; ``timeout_s``
+    bounds the whole wait (GetTimeoutError)."""
+    import ray
+
+    pending = list(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        with naming_dead_actors(labels, what):
+            while pending:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, pending = ray.wait(pending, num_returns=1, timeout=left)
+                if not done:
+                    raise ray.exceptions.GetTimeoutError(f"{what} did not finish within {timeout_s:g} s")
+                ray.get(done)
+            return ray.get(list(refs))
+    except Exception:
+        if on_failure is not None:
+            on_failure()
+        raise
 
 
 def balance_by_tokens(requests: Sequence[GenRequest], max_tokens: int, num_workers: int) -> list[list[int]]:
@@ -54,8 +131,7 @@ def balance_by_tokens(requests: Sequence[GenRequest], max_tokens: int, num_worke
         by_prompt.setdefault(request.prompt_ids, []).append(index)
     cost = {
         prompt: sum(
-            (len(requests[i].context_ids) + requests[i].token_budget(max_tokens)) * requests[i].n
-            for i in indices
+            (len(requests[i].context_ids) + requests[i].token_budget(max_tokens)) * requests[i].n for i in indices
         )
         for prompt, indices in by_prompt.items()
     }
@@ -68,14 +144,9 @@ def balance_by_tokens(requests: Sequence[GenRequest], max_tokens: int, num_worke
     return [sorted(share) for share in shares]
 
 
-def rollout_gpus(engine: str, options: dict[str, Any], cluster_gpus: float) -> int:
-    """GPUs each rollout actor reserves: a vLLM engine's tensor-parallel size when the cluster has GPUs.
-
-    Ray hides every GPU from an actor that reserves none, so a CUDA engine must ask for its devices.
-    """
-    if cluster_gpus <= 0 or engine not in ("vllm", "auto"):
-        return 0
-    return int(options.get("tensor_parallel_size", 1))
+def _is_death_of(actor: Any, err: Exception) -> bool:
+    """Whether a RayActorError is ``actor``'s own death (not that of an actor whose result it was given)."""
+    return err.actor_id in (None, actor._actor_id.hex())
 
 
 def share_params(params: SamplingParams, slot: int) -> SamplingParams:
@@ -107,7 +178,9 @@ class RolloutGroup:
     def _spawn(self, slot: int):
         """Worker ``slot`` seeds its engine with ``seed + slot``: engines never share an unseeded random stream."""
         # A replacement takes the same slot: the dead worker's share of the bundle is free again.
-        return self._remote.options(**self._placements[slot]).remote(**{**self._args, "seed": self._args["seed"] + slot})
+        return self._remote.options(**self._placements[slot]).remote(
+            **{**self._args, "seed": self._args["seed"] + slot}
+        )
 
     def generate(self, requests: Sequence[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
         """Results in request order. A worker that dies is replaced and its share re-run once."""
@@ -124,7 +197,9 @@ class RolloutGroup:
         for slot, ref in pending.items():
             try:
                 outputs = ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayActorError as err:
+                if not _is_death_of(self.workers[slot], err):
+                    raise
                 log.warning(
                     "rollout worker %d died; replacing it and re-running its %d requests", slot, len(shares[slot])
                 )
@@ -161,7 +236,9 @@ class RolloutGroup:
         for slot, ref in enumerate(pending):
             try:
                 versions.append(ray.get(ref))
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayActorError as err:
+                if not _is_death_of(self.workers[slot], err):
+                    raise  # e.g. the learner that exported the weights died
                 log.warning("rollout worker %d died during weight sync; replacing it", slot)
                 versions.append(self._replace(slot))
         return versions
@@ -224,31 +301,34 @@ def create_reward_worker(threads: int, grader_options: dict[str, Any], placement
 
 
 class TorchLearnerGroup:
-    """One torch learner actor. The DeepSpeed group (rltrain/dist/deepspeed_group.py) has the same methods."""
+    """One torch learner actor. The DeepSpeed group (rltrain/dist/deepspeed_group.py) has the same methods.
 
-    use_gpu = False  # the torch learner actor reserves no GPU
+    Every call goes through ``get_named``: a dead learner is a RunError naming it, never a hang or a traceback.
+    """
 
     def __init__(self, threads: int, model_path: str, options: dict[str, Any], placement: dict):
         """The learner actor, in ``placement`` (Ray actor options)."""
         import ray
 
-        self.actor = ray.remote(LearnerWorker).options(**placement).remote(threads, model_path, options)
-        ray.get(self.actor.ready.remote())
+        self.placement = placement
+        self.actor = ray.remote(max_restarts=0)(LearnerWorker).options(**placement).remote(threads, model_path, options)
+        self.labels = actor_labels("learner rank", [self.actor])
+
+    @property
+    def use_gpu(self) -> bool:
+        return actor_uses_gpu(self.placement)
+
+    def _call(self, ref, what: str):
+        return get_named([ref], self.labels, what)[0]
 
     def logprobs(self, batch, reference: bool = False):
-        import ray
-
-        return ray.get(self.actor.logprobs.remote(batch, reference))
+        return self._call(self.actor.logprobs.remote(batch, reference), "logprobs")
 
     def train_step(self, batch, loss_fn) -> dict[str, float]:
-        import ray
-
-        return ray.get(self.actor.train_step.remote(batch, loss_fn))
+        return self._call(self.actor.train_step.remote(batch, loss_fn), "train_step")
 
     def forward_extras(self, batch, extras_fn) -> dict:
-        import ray
-
-        return ray.get(self.actor.forward_extras.remote(batch, extras_fn))
+        return self._call(self.actor.forward_extras.remote(batch, extras_fn), "forward_extras")
 
     def actors(self) -> list:
         return [self.actor]
@@ -265,11 +345,7 @@ class TorchLearnerGroup:
         return [self.actor.broadcast_weights.remote(bucket_mb)]
 
     def save(self, directory: str) -> None:
-        import ray
-
-        ray.get(self.actor.save.remote(directory))
+        self._call(self.actor.save.remote(directory), "save")
 
     def load(self, directory: str) -> None:
-        import ray
-
-        ray.get(self.actor.load.remote(directory))
+        self._call(self.actor.load.remote(directory), "load")

@@ -51,6 +51,28 @@ class PlacementPlan:
         return total
 
 
+def gpus_per_actor(
+    cluster_gpus: float, rollout_engine: str, tensor_parallel_size: int, learner_backend: str, learner_ranks: int
+) -> tuple[int, int]:
+    """(GPUs per rollout worker, GPUs per learner rank): the one rule deciding which actors use a GPU.
+
+    A vLLM engine (``rollout.engine`` vllm or auto) takes its tensor-parallel size when the cluster has GPUs:
+    Ray hides every GPU from an actor that reserves none. A DeepSpeed rank takes one GPU when the cluster has
+    one per rank (else all ranks run on CPU over gloo). The torch engine and the torch learner run on CPU.
+    Everything else reads the decision from an actor's placement (``actor_uses_gpu``).
+    """
+    if cluster_gpus <= 0:
+        return 0, 0
+    rollout = tensor_parallel_size if rollout_engine in ("vllm", "auto") else 0
+    learner = 1 if learner_backend == "deepspeed" and cluster_gpus >= learner_ranks else 0
+    return rollout, learner
+
+
+def actor_uses_gpu(placement: dict[str, Any]) -> bool:
+    """Whether an actor placed with these Ray options (``actor_options``) has a GPU."""
+    return placement.get("num_gpus", 0) > 0
+
+
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
     """A Ray bundle; a zero GPU entry is left out because Ray rejects a bundle of only zeros."""
     return {"CPU": cpus, "GPU": float(gpus)} if gpus else {"CPU": cpus}

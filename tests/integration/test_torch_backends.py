@@ -155,3 +155,29 @@ def test_forward_extras_give_hidden_states_and_subset_probs_per_response_token(t
     advantages = torch.randn(8, 1) * batch.response_mask
     extras = learner.forward_extras(batch.replace(advantages=advantages), algo.thr_extras_from_forward)
     assert extras[algo.thr.THR_SCORE_KEY].shape == batch.response_ids.shape
+
+
+def test_a_dead_learner_actor_is_a_run_error_naming_it(tiny_model_dir):
+    """SIGKILL of the learner's process: the next call raises RunError naming rank, actor and pid, at once."""
+    import signal
+
+    import ray
+
+    from rltrain.dist.groups import TorchLearnerGroup
+    from rltrain.errors import RunError
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    batch = _rl_batch(tokenizer)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        group = TorchLearnerGroup(1, tiny_model_dir, {"lr": 1e-2}, placement={"num_cpus": 1})
+        (label,) = group.labels.values()
+        pid = int(label.rsplit("pid ", 1)[1].rstrip(")"))
+        assert label.startswith("learner rank 0 (actor ") and group.logprobs(batch).shape == batch.response_ids.shape
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(
+            RunError, match=r"learner rank 0 \(actor \w+, pid \d+\) died during logprobs: .*run.resume=auto"
+        ):
+            group.logprobs(batch)
+    finally:
+        ray.shutdown()

@@ -1,8 +1,8 @@
-"""Rollout dispatch: token-balanced shares with prompt affinity, and GPU reservation per rollout actor."""
+"""Rollout dispatch: token-balanced shares with prompt affinity (GPUs per actor: tests/unit/test_learner_gpus.py)."""
 
 from __future__ import annotations
 
-from rltrain.dist.groups import balance_by_tokens, rollout_gpus
+from rltrain.dist.groups import balance_by_tokens
 from rltrain.types import GenRequest
 
 
@@ -25,13 +25,6 @@ def test_requests_of_one_prompt_share_a_worker():
 def test_more_workers_than_prompts_leaves_some_idle():
     shares = balance_by_tokens([GenRequest((1,)), GenRequest((1,), prefix_ids=(2,))], max_tokens=1, num_workers=3)
     assert sorted(shares) == [[], [], [0, 1]]
-
-
-def test_only_vllm_workers_on_a_gpu_cluster_reserve_gpus():
-    assert rollout_gpus("vllm", {"tensor_parallel_size": 2}, cluster_gpus=8) == 2
-    assert rollout_gpus("auto", {}, cluster_gpus=1) == 1
-    assert rollout_gpus("vllm", {"tensor_parallel_size": 2}, cluster_gpus=0) == 0
-    assert rollout_gpus("torch", {}, cluster_gpus=8) == 0
 
 
 def test_seeded_calls_give_each_worker_its_own_seed_range():
