@@ -66,6 +66,7 @@ def _run(cfg: DictConfig, run_dir: str, signals: StopSignals, progress: Progress
         progress.step = resume.step
         total_optimizer_steps = cfg.trainer.steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches
         runtime = Runtime(cfg, prep.model_path, total_optimizer_steps)
+        signals.install()  # after ray.init, whose SIGTERM handler would abort the driver
         try:
             trainer = Trainer(cfg, prep, runtime)
             summary = _restore(trainer, runtime, resume)

@@ -90,10 +90,17 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self.install()
         return self
+
+    def install(self) -> None:
+        """(Re)claim SIGTERM and SIGINT. Call again after ``ray.init``: Ray installs a SIGTERM handler in the
+        driver that aborts the process (exit -6)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
 
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self._previous.items():
@@ -110,21 +117,3 @@ class StopSignals:
             os._exit(EXIT_INTERRUPTED)
         self.interrupted = True
         raise KeyboardInterrupt
-
-
-def ignoring_sigint_in_children():
-    """Context for starting Ray: its processes inherit an ignored SIGINT (ignored dispositions survive exec), so a
-    Ctrl-C in the terminal, which reaches the whole process group, stops only the driver; the driver then shuts
-    Ray down. Main thread only; elsewhere a no-op."""
-    return _IgnoredSigint()
-
-
-class _IgnoredSigint:
-    def __enter__(self) -> None:
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def __exit__(self, *exc_info) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)

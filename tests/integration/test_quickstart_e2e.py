@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -129,3 +131,38 @@ def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint_as_if_never
     for record in records[1:]:
         for key in ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean"):
             assert abs(record[key] - straight[record["step"]][key]) <= 1e-6, (record["step"], key)
+
+
+def test_ctrl_c_ends_in_one_line_whose_resume_command_finishes_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"run.dir={run_dir}", "trainer.steps=4", "trainer.save_every=1", "trainer.eval_every=0"]
+    proc = subprocess.Popen(
+        _command(tmp_path, *args),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "checkpoints" / "step_1").is_dir() and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground process group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-5000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("rltrain:")]
+    assert len(lines) == 1, stderr[-3000:]
+    found = re.fullmatch(
+        r"rltrain: interrupted at step (\d+); the last complete checkpoint is (\S+) \(step (\d+)\); "
+        r"resume with: (rltrain --config-name quickstart .*)",
+        lines[0],
+    )
+    assert found, lines[0]
+    assert found.group(2) == str(run_dir / "checkpoints" / f"step_{found.group(3)}")
+    command = shlex.split(found.group(4))
+    assert command[-2:] == [f"run.dir={run_dir}", "run.resume=auto"]
+    resumed = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=420, env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r["step"] for r in _metrics(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 4, steps

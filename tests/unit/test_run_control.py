@@ -86,3 +86,13 @@ def test_sigint_interrupts_and_a_second_sigint_exits_at_once_with_one_line():
     assert proc.returncode == 130
     assert proc.stdout == "interrupted True\n"
     assert proc.stderr == "rltrain: interrupted again; exiting now\n"
+
+
+def test_install_reclaims_sigterm_from_a_handler_set_later_and_exit_restores_the_first():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as signals:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as ray.init does with its own (aborting) handler
+        signals.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.stop_requested == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is previous
