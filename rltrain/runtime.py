@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,7 @@ from rltrain.dist.groups import (
     stop_ray,
 )
 from rltrain.dist.placement import PlacementPlan, actor_options, gpus_per_actor, plan_placement, release, reserve
+from rltrain.errors import RunError
 from rltrain.learner.base import LossFn
 from rltrain.types import GenRequest, GenResult, RolloutBatch, SamplingParams
 
@@ -47,6 +49,8 @@ def _cluster_gpus() -> float:
 
 
 def grader_options(reward_cfg: DictConfig) -> dict[str, Any]:
+    """RewardGrader arguments from ``reward``; a fresh process tag, kept by whoever re-creates the grader with
+    these options (a replacement reward actor then kills what its dead predecessor's functions left running)."""
     return {
         "functions": OmegaConf.to_container(reward_cfg.functions, resolve=True),
         "num_workers": reward_cfg.num_workers,
@@ -54,7 +58,13 @@ def grader_options(reward_cfg: DictConfig) -> dict[str, Any]:
         "memory_mb": reward_cfg.memory_mb,
         "on_error": reward_cfg.on_error,
         "batch_size": reward_cfg.batch_size,
+        "max_error_frac": reward_cfg.max_error_frac,
+        "process_tag": f"rltrain-{uuid.uuid4().hex[:12]}",
     }
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def learner_options(cfg: DictConfig, total_optimizer_steps: int) -> dict[str, Any]:
@@ -147,11 +157,13 @@ class Runtime:
             },
             placements=[actor_options(self.placement_group, slot) for slot in plan.rollout],
         )
-        self.reward = create_reward_worker(
-            threads=1,
-            grader_options=grader_options(cfg.reward),
-            placement=actor_options(self.placement_group, plan.reward),
-        )
+        self._reward_args = {
+            "threads": 1,
+            "grader_options": grader_options(cfg.reward),
+            "placement": actor_options(self.placement_group, plan.reward),
+        }
+        self.reward = create_reward_worker(**self._reward_args)
+        self.reward_replacements = 0
         self.learner = create_learner_group(
             cfg,
             model_path,
@@ -197,9 +209,39 @@ class Runtime:
         return self.rollout.generate(requests, params)
 
     def grade(self, completions: list[str], rows: list[dict]):
+        """The reward actor's GradeResult, with ``reward/worker_replacements`` (over the run) in its metrics.
+
+        A RunError raised in the actor (a reward function over ``reward.max_error_frac``) is raised here as
+        itself. A dead reward actor (stateless) is replaced in its placement and the call re-run once; a
+        second death in the same call raises RunError.
+        """
         import ray
 
-        return ray.get(self.reward.grade.remote(completions, rows))
+        try:
+            result = self._grade_once(completions, rows)
+        except ray.exceptions.RayActorError as err:
+            log.warning("the reward worker died (%s); replacing it and grading the batch again", _first_line(err))
+            ray.kill(self.reward)
+            self.reward = create_reward_worker(**self._reward_args)
+            self.reward_replacements += 1
+            try:
+                result = self._grade_once(completions, rows)
+            except ray.exceptions.RayActorError as again:
+                raise RunError(
+                    f"the reward worker (Ray actor RewardWorker) died twice grading one batch: {_first_line(again)}"
+                ) from None
+        result.metrics["reward/worker_replacements"] = float(self.reward_replacements)
+        return result
+
+    def _grade_once(self, completions: list[str], rows: list[dict]):
+        import ray
+
+        try:
+            return ray.get(self.reward.grade.remote(completions, rows))
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, RunError):
+                raise err.cause from None
+            raise
 
     def logprobs(self, batch: RolloutBatch, reference: bool = False):
         self.set_rollout_awake(False)
