@@ -99,7 +99,8 @@ def test_failing_on_more_than_max_error_frac_raises_with_the_first_error(tmp_pat
     path = tmp_path / "bad.py"
     path.write_text(BAD)
     functions = [{"fn": "format"}, {"fn": f"{path}:by_mode"}]
-    with RewardGrader(functions, num_workers=2, timeout_s=5.0, max_error_frac=0.5) as grader:
+    # one worker: calls finish in order, so the first error is the first failing sample's
+    with RewardGrader(functions, num_workers=1, timeout_s=5.0, max_error_frac=0.5) as grader:
         assert grader.grade(["raise", "nan", "ok", "ok"], [{"answer": None}] * 4).rewards.shape == (4,)  # 2 of 4
         with pytest.raises(RewardFunctionError) as caught:
             grader.grade(["ok", "raise", "none", "raise"], [{"answer": None}] * 4)
@@ -107,7 +108,7 @@ def test_failing_on_more_than_max_error_frac_raises_with_the_first_error(tmp_pat
     message = str(caught.value)
     assert f"reward function {path}:by_mode failed on 3 of 4 calls" in message
     assert "reward.max_error_frac=0.5" in message
-    # the first failure in arrival order: one of the two raises, with the line of the user's file that raised
+    # the first failure, with the line of the user's file that raised
     assert "First error: exception: RuntimeError: boom (at " in message and 'raise RuntimeError("boom")' in message
 
 
