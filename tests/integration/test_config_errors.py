@@ -1,0 +1,47 @@
+"""A bad value through the real CLI: exit 2 with ``rltrain: config error: <key>=<value>: ...``, before Ray starts.
+
+Each call stops in the validation pass (no data, model, SFT or Ray work), so it takes seconds; RAY_TMPDIR points
+at a fresh folder that Ray would create its session in, and it must not exist afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from test_quickstart_e2e import _command, _env
+
+pytestmark = pytest.mark.integration
+
+# (overrides, the key the message must name): the issue's seven values first, then others of every group.
+CASES = [
+    (["algorithm.clip_low=1.5"], "algorithm.clip_low"),
+    (["algorithm.kl_estimator=k9"], "algorithm.kl_estimator"),
+    (["rollout.temperature=-1"], "rollout.temperature"),
+    (["rollout.top_p=1.5"], "rollout.top_p"),
+    (["algorithm.clip_high=-1"], "algorithm.clip_high"),
+    (["learner.lr=-1"], "learner.lr"),
+    (
+        ["rollout=tree", "rollout.tree.init_divergence_min=9", "rollout.tree.init_divergence_max=2"],
+        "rollout.tree.init_divergence_min",
+    ),
+    (["rollout.n=1"], "rollout.n"),
+    (["learner.grad_clip=-1"], "learner.grad_clip"),
+    (["+algorithm.advantage_params.temperature=2"], "algorithm.advantage_params"),
+    (["reward.timeout_s=0"], "reward.timeout_s"),
+    (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", CASES, ids=[key for _, key in CASES])
+def test_bad_value_is_a_config_error_before_ray(tmp_path, overrides, key):
+    ray_dir = tmp_path / "ray"
+    env = {**_env(), "RAY_TMPDIR": str(ray_dir)}
+    command = _command(tmp_path, f"run.dir={tmp_path / 'run'}", *overrides)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rltrain: config error: ") and f" {key}=" in last, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "Ray" not in proc.stderr and not ray_dir.exists()
+    assert not (tmp_path / "cache").exists()  # no tiny model, no SFT
