@@ -4,7 +4,8 @@ Needs ``pip install reasoning-gym`` (extra ``rltrain[reasoning-gym]``). Rows are
 ground truth under ``answer`` and the entry's ``metadata`` column (a dict or its JSON string), whose
 ``source_dataset`` names the task (``task=`` overrides it). The answer is the content of the last
 ``<answer>…</answer>`` (``answer_tag=False``: the whole stripped completion). Many verifiers give a wrong
-but present answer a small "format credit" (0.01-0.05); it is kept only with ``format_credit=True``.
+but present answer a small "format credit" (0.01-0.05); it is kept only with ``format_credit=True``. Larger
+partial credit (e.g. ``word_sorting``'s share of words in place) is kept, with ``acc`` 0.
 """
 
 from __future__ import annotations
