@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from rltrain.config import ConfigError
-from rltrain.fsutil import fsync_dir, fsync_tree, replace_dir, storage_error, storage_errors
+from rltrain.fsutil import atomic_write_text, fsync_dir, fsync_tree, replace_dir, storage_error, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +138,7 @@ def _fill_checkpoint(tmp_dir: str, step: int, write_model: Callable[[str], None]
     with open(os.path.join(tmp_dir, TRAINER_STATE_FILE), "wb") as f:
         torch.save(dict(state), f)  # through our file object, so a failed write raises OSError with its errno
     fsync_tree(tmp_dir)
-    marker = os.path.join(tmp_dir, COMPLETE_MARKER)
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp_dir)
+    atomic_write_text(os.path.join(tmp_dir, COMPLETE_MARKER), json.dumps({"step": step}) + "\n")
 
 
 def resolve_resume(run_dir: str, resume: str) -> str | None:

@@ -114,7 +114,8 @@ def storage_reason(err: BaseException, path: str) -> str | None:
     if any(marker in str(err) for marker in TORCH_WRITE_FAILURES):
         if _free_bytes(path) < FULL_DISK_BYTES:
             return _errno_text(errno.ENOSPC)
-        return f"the write failed ({str(err).strip().splitlines()[0]})"
+        detail = str(getattr(err, "cause", None) or err).strip()  # a Ray task error's cause: the worker's own error
+        return f"the write failed ({detail.splitlines()[0] if detail else type(err).__name__})"
     return None
 
 

@@ -309,16 +309,15 @@ def test_unwritable_storage_is_a_run_error_with_the_os_reason(tmp_path):
     ):
         save_checkpoint(str(blocker), 1, write_fake_model, {})
 
-    def denied(directory: str) -> None:
+    def denied(directory: str) -> None:  # as a learner actor's failure arrives: the OSError is its cause
         raise RuntimeError("the learner's save failed") from PermissionError(13, "Permission denied", directory)
+
+    def broken(directory: str) -> None:
+        raise ValueError("not storage")
 
     with pytest.raises(RunError, match=r"Permission denied \(EACCES\); there is no earlier checkpoint"):
         save_checkpoint(str(tmp_path / "run"), 1, denied, {})
     with pytest.raises(ValueError, match="not storage"):  # any other failure passes unchanged
-
-        def broken(directory: str) -> None:
-            raise ValueError("not storage")
-
         save_checkpoint(str(tmp_path / "run"), 1, broken, {})
     assert entries(tmp_path / "run") == []
 
