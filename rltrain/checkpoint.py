@@ -146,9 +146,9 @@ def resolve_resume(run_dir: str, resume: str) -> str | None:
 
     ``never`` → ``None``; ``auto`` → the latest complete checkpoint of ``run_dir`` (``None`` if there is none);
     a run dir → its latest complete checkpoint; a checkpoint dir → itself. Every candidate is verified
-    (``verify_checkpoint``); when the latest one of a run is corrupt, the newest sound one before it is used,
-    with a warning naming the corrupt file. A checkpoint named explicitly must be complete and sound: the error
-    names what is wrong and offers the newest complete checkpoint beside it.
+    (``checkpoint_problem``); when the latest one of a run is corrupt, the newest sound one before it is used,
+    with a warning naming the corrupt file (none sound: ``CheckpointError``). A checkpoint named explicitly must
+    be complete and sound: the error names what is wrong and offers the newest complete checkpoint beside it.
     """
     if resume == "never":
         return None
@@ -186,12 +186,21 @@ def resolve_resume(run_dir: str, resume: str) -> str | None:
 
 
 def _latest_sound(run_dir: str, what: str) -> str | None:
-    """The newest complete checkpoint of ``run_dir`` that passes ``verify_checkpoint``, warning about newer bad ones."""
+    """The newest complete checkpoint of ``run_dir`` without a ``checkpoint_problem``, warning about newer bad ones;
+    ``None`` when there is no complete checkpoint. When every one is corrupt, ``CheckpointError``: starting over
+    would silently drop the run's progress."""
+    problems = []
     for _, path in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
         logger.warning("%s: skipping %s (%s); trying the previous complete checkpoint", what, path, problem)
+        problems.append(problem)
+    if problems:
+        raise CheckpointError(
+            f"{what}: no complete checkpoint in {run_dir} is sound ({'; '.join(problems)}); "
+            "start over with run.resume=never or a new run.dir"
+        )
     return None
 
 

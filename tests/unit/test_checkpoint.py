@@ -235,6 +235,9 @@ def test_a_truncated_file_is_named_and_the_previous_checkpoint_offered(tmp_path,
     # auto falls back to the newest sound checkpoint, warning with the corrupt file's name
     assert resolve_resume(str(tmp_path), "auto") == previous
     assert name in caplog.text and "skipping" in caplog.text
+    truncate(os.path.join(previous, name))  # none sound: refused rather than silently starting over
+    with pytest.raises(CheckpointError, match=f"no complete checkpoint in {tmp_path} is sound.*{name}.*resume=never"):
+        resolve_resume(str(tmp_path), "auto")
 
 
 def test_file_checks_accept_whole_files_and_measure_safetensors_against_the_header(tmp_path):
