@@ -86,22 +86,20 @@ def _run(cfg: DictConfig, run_dir: str, signals: StopSignals, progress: Progress
 
 def run_fingerprint(cfg: DictConfig, prep: Prepared) -> dict[str, str]:
     """What a checkpoint must share with the config to be resumed: model architecture, train and eval rows,
-    the algorithm's advantage / policy loss / aggregation, and the learner's backend and sharding."""
+    the algorithm's advantage / policy loss / aggregation, and the learner backend (a DeepSpeed checkpoint's
+    world size and ZeRO stage are checked by ``check_learner_checkpoint``)."""
     from rltrain.checkpoint import model_fingerprint, rows_fingerprint
 
-    ac, lc = cfg.algorithm, cfg.learner
-    fingerprint = {
+    ac = cfg.algorithm
+    return {
         **model_fingerprint(prep.model_path),
         "data.train": rows_fingerprint(prep.train_rows),
         "data.eval": rows_fingerprint(prep.eval_rows),
         "algorithm.advantage": str(ac.advantage),
         "algorithm.policy_loss": str(ac.policy_loss),
         "algorithm.loss_agg": str(ac.loss_agg),
-        "learner.backend": str(lc.backend),
+        "learner.backend": str(cfg.learner.backend),
     }
-    if lc.backend == "deepspeed":  # ZeRO state is partitioned per rank and stage
-        fingerprint.update({"learner.world_size": str(lc.world_size), "learner.zero_stage": str(lc.zero_stage)})
-    return fingerprint
 
 
 def resume_point(cfg: DictConfig, prep: Prepared, run_dir: str) -> ResumePoint:
