@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -18,16 +19,16 @@ def test_quickstart_trains_with_deepspeed_on_two_ranks_and_resumes(tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "trainer.steps=2")
+    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "trainer.steps=3")
     assert "held-out pass@1 (greedy) before RL" in proc.stdout and "after RL" in proc.stdout
     records = _metrics(run_dir)
-    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
     for record in records[1:]:
         for key in ("loss/total", "perf/grad_norm", "reward/mean"):
             assert record.get(key) is not None and math.isfinite(record[key]), key
     # The rollout worker samples with the weights the two ranks exported after the previous step.
-    assert records[2]["rollout/logprob_diff"] < 1e-3
-    ckpt = run_dir / "checkpoints" / "step_2"
+    assert records[2]["rollout/logprob_diff"] < 1e-3 and records[3]["rollout/logprob_diff"] < 1e-3
+    ckpt = run_dir / "checkpoints" / "step_3"
     meta = json.loads((ckpt / "rltrain_deepspeed.json").read_text())
     assert meta == {"world_size": 2, "zero_stage": 2}
     policy = dict(AutoModelForCausalLM.from_pretrained(ckpt).named_parameters())
@@ -36,24 +37,24 @@ def test_quickstart_trains_with_deepspeed_on_two_ranks_and_resumes(tmp_path):
     assert any(not torch.equal(policy[name], base[name]) for name in base), "RL steps did not change any parameter"
 
     # A checkpoint of another world size is refused with a message naming both values, before any actor starts.
-    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "learner.world_size=1", "trainer.steps=3", check=False)
+    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "learner.world_size=1", "trainer.steps=4", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "learner.world_size=2" in proc.stderr and "world_size=1" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
-    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "trainer.steps=3", "run.resume=auto")
+    # The same run stopped after its step-2 checkpoint (a copy without step_3) resumes; rollout seeds follow the
+    # checkpointed prompt-stream position and the ZeRO state resumes exactly, so step 3 equals the
+    # uninterrupted run's (fp32, CPU, deterministic).
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step_3")
+    proc = _rltrain(tmp_path, f"run.dir={resumed_dir}", *RUN, "trainer.steps=3", "run.resume=auto")
     assert "resumed from" in proc.stdout + proc.stderr and "step_2" in proc.stdout + proc.stderr
-    records = _metrics(run_dir)
-    assert [r["step"] for r in records] == [0, 1, 2, 3]
-    assert math.isfinite(records[3]["loss/total"]) and records[3]["rollout/logprob_diff"] < 1e-3
-
-    # Rollout seeds follow the checkpointed prompt-stream position, and the ZeRO state resumes exactly:
-    # the resumed run's steps equal an uninterrupted run's (fp32, CPU, deterministic).
-    straight_dir = tmp_path / "straight"
-    _rltrain(tmp_path, f"run.dir={straight_dir}", *RUN, "trainer.steps=3")
-    for resumed, straight in zip(records[1:], _metrics(straight_dir)[1:], strict=True):
-        for key in ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean"):
-            assert abs(resumed[key] - straight[key]) <= 1e-6, (resumed["step"], key)
+    resumed = _metrics(resumed_dir)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    assert resumed[3]["rollout/logprob_diff"] < 1e-3
+    for key in ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean"):
+        assert abs(resumed[3][key] - records[3][key]) <= 1e-6, key
 
 
 def test_zero3_broadcast_sync_and_colocated_placement_train_the_same_run(tmp_path):
