@@ -407,9 +407,6 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
         if value is not None and _is_used(cfg, key) and not rule.holds(value):
             raise ConfigError(f"{setting(key, value)}: {rule.allowed}")
-    resume = cfg.run.resume
-    if resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(resume)):
-        raise ConfigError(f"{setting('run.resume', resume)}: must be auto, never or an existing checkpoint directory")
     _validate_data(cfg.data)
     _validate_model(cfg.model, cfg.rollout.engine)
     _validate_algorithm(cfg)

@@ -61,7 +61,6 @@ def test_wrong_type_is_rejected_at_composition():
         ("trainer.steps=0", "trainer.steps"),
         ("rollout.n=-1", "rollout.n"),
         ("data.path=/no/such/file", "data.path"),
-        ("run.resume=/no/such/ckpt", "run.resume"),
         ("model.path=/no/such/model", "model.path"),
         ("algorithm.clip_c=0.5", "algorithm.clip_c"),
         ("algorithm.kl_coef=0.1", "use_reference"),

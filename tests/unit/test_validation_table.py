@@ -24,7 +24,6 @@ JSONL = ["data.task=jsonl"]
 # key -> overrides of the quickstart recipe that make (only) that key invalid
 CASES: dict[str, list[str]] = {
     "run.seed": ["run.seed=-1"],
-    "run.resume": ["run.resume=/no/such/checkpoint"],
     "model.path": ["model.path=/nonexistent"],
     "model.tiny.hidden_size": ["model.tiny.hidden_size=0"],
     "model.tiny.intermediate_size": ["model.tiny.intermediate_size=0"],
@@ -142,6 +141,7 @@ CASES: dict[str, list[str]] = {
 
 # Keys that take any value of their type (booleans, names, free text), with where else they are checked.
 FREE = {
+    "run.resume": "checked by checkpoint.resolve_resume before Ray starts (tests/unit/test_checkpoint.py)",
     "run.name": "a name",
     "run.dir": "any directory; created on start",
     "run.deterministic": "boolean",
