@@ -20,7 +20,7 @@ from torch import Tensor
 
 from rltrain import algo
 from rltrain.algo.kl import kl_token_penalty
-from rltrain.components import build_loss_fn, sampling_params
+from rltrain.components import build_loss_fn, sampling_params, tree_sampler_settings
 from rltrain.config import ConfigError
 from rltrain.errors import RunError
 from rltrain.evaluation import correctness, evaluate
@@ -53,8 +53,8 @@ def build_sampler(cfg: DictConfig, runtime: Runtime, decode):
     if cfg.rollout.sampler == "tree":
         from rltrain.sampling.tree_sampler import TreeSampler
 
-        tree = OmegaConf.to_container(cfg.rollout.tree, resolve=True)
-        block = runtime.rollout.kv_block_size() if tree.pop("align_to_kv_blocks") else None
+        tree = tree_sampler_settings(cfg.rollout.tree)
+        block = runtime.rollout.kv_block_size() if cfg.rollout.tree.align_to_kv_blocks else None
         if block is not None and tree["segment_len"] < block:
             log.warning(
                 "rollout.tree.segment_len=%d is below the engine's %d-token KV block: tree paths share no cached "
