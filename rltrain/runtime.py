@@ -19,6 +19,7 @@ from rltrain.config import ConfigError
 from rltrain.dist.groups import (
     RolloutGroup,
     TorchLearnerGroup,
+    reason_of,
     create_reward_worker,
     get_named,
     naming_dead_actors,
@@ -61,10 +62,6 @@ def grader_options(reward_cfg: DictConfig) -> dict[str, Any]:
         "max_error_frac": reward_cfg.max_error_frac,
         "process_tag": f"rltrain-{uuid.uuid4().hex[:12]}",
     }
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def learner_options(cfg: DictConfig, total_optimizer_steps: int) -> dict[str, Any]:
@@ -220,7 +217,7 @@ class Runtime:
         try:
             result = self._grade_once(completions, rows)
         except ray.exceptions.RayActorError as err:
-            log.warning("the reward worker died (%s); replacing it and grading the batch again", _first_line(err))
+            log.warning("the reward worker died (%s); replacing it and grading the batch again", reason_of(err))
             ray.kill(self.reward)
             self.reward = create_reward_worker(**self._reward_args)
             self.reward_replacements += 1
@@ -228,7 +225,7 @@ class Runtime:
                 result = self._grade_once(completions, rows)
             except ray.exceptions.RayActorError as again:
                 raise RunError(
-                    f"the reward worker (Ray actor RewardWorker) died twice grading one batch: {_first_line(again)}"
+                    f"the reward worker (Ray actor RewardWorker) died twice grading one batch: {reason_of(again)}"
                 ) from None
         result.metrics["reward/worker_replacements"] = float(self.reward_replacements)
         return result

@@ -65,7 +65,7 @@ def actor_labels(role: str, actors: Sequence[Any], timeout_s: float | None = Non
     }
 
 
-def _cause(err: Exception) -> str:
+def reason_of(err: Exception) -> str:
     """The one-line reason inside a Ray actor error (its first line that is neither Ray's preamble nor a field)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("\t")]
     reason = lines[min(1, len(lines) - 1)] if lines else type(err).__name__
@@ -84,10 +84,10 @@ def naming_dead_actors(labels: dict[str, str], what: str) -> Iterator[None]:
         if err.actor_id not in labels:
             raise
         raise RunError(
-            f"{labels[err.actor_id]} died during {what}: {_cause(err)}; resume with run.resume=auto"
+            f"{labels[err.actor_id]} died during {what}: {reason_of(err)}; resume with run.resume=auto"
         ) from None
     except (ray.exceptions.RaySystemError, ray.exceptions.RpcError, ray.exceptions.LocalRayletDiedError) as err:
-        raise RunError(f"lost the Ray cluster during {what} ({_cause(err)}); resume with run.resume=auto") from None
+        raise RunError(f"lost the Ray cluster during {what} ({reason_of(err)}); resume with run.resume=auto") from None
 
 
 def get_named(
