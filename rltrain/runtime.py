@@ -19,10 +19,10 @@ from rltrain.config import ConfigError
 from rltrain.dist.groups import (
     RolloutGroup,
     TorchLearnerGroup,
-    reason_of,
     create_reward_worker,
     get_named,
     naming_dead_actors,
+    reason_of,
     start_ray,
     stop_ray,
 )
