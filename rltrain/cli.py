@@ -97,6 +97,7 @@ def _eval(cfg: DictConfig) -> None:
     """Greedy held-out pass@1 of ``model.path`` (e.g. a checkpoint dir), written to <run.dir>/eval.json."""
     from rltrain.components import sampling_params
     from rltrain.evaluation import evaluate
+    from rltrain.fsutil import atomic_write_text
     from rltrain.prepare import prepare
     from rltrain.rollout.torch_engine import TorchGenerator
 
@@ -117,9 +118,9 @@ def _eval(cfg: DictConfig) -> None:
         )
     run_dir = os.path.expanduser(cfg.run.dir)
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "eval.json"), "w") as f:
-        json.dump({"model": prep.model_path, **metrics}, f, indent=2)
-    print(json.dumps({"model": prep.model_path, **metrics}, indent=2), flush=True)
+    report = json.dumps({"model": prep.model_path, **metrics}, indent=2)
+    atomic_write_text(os.path.join(run_dir, "eval.json"), report + "\n")
+    print(report, flush=True)
 
 
 @hydra.main(config_path=RECIPES, config_name="quickstart", version_base="1.3")
