@@ -1,6 +1,6 @@
 """Collective weight sync (``rollout.weight_sync=collective``, gloo on CPU) into 2 real vLLM rollout actors:
 policy version and logprobs after a step, a worker lost before a sync (fallback + group rebuilt), a worker
-lost mid-generate (the replacement fetches the current weights), and the CLI run."""
+lost mid-generate (the replacement fetches the current weights). The CLI run with this sync is in test_vllm_e2e.py."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from test_quickstart_e2e import _metrics, _rltrain  # noqa: E402
 from test_vllm_e2e import (  # noqa: E402
+    COLLECTIVE,
     LOGPROB_TOL,
-    VLLM,
     KillAfterDispatch,
     greedy_logprob_gap,
     vllm_trainer,
@@ -19,8 +18,6 @@ from test_vllm_e2e import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.integration
-
-COLLECTIVE = ["rollout.weight_sync=collective", "rollout.weight_sync_timeout_s=30"]
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +67,3 @@ def test_a_worker_killed_mid_generate_gets_the_current_weights(trainer):
     assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
     assert worker_versions(trainer.runtime) == [5, 5]
     assert metrics["rollout/weight_sync_fallbacks"] == 1  # the group was rebuilt before the sync, not failed
-
-
-def test_cli_run_with_collective_sync(tmp_path):
-    run_dir = tmp_path / "run"
-    _rltrain(tmp_path, *VLLM, *COLLECTIVE, "trainer.steps=2", f"run.dir={run_dir}")
-    rows = [row for row in _metrics(run_dir) if "perf/weight_sync_mb" in row]
-    assert rows and all(row["rollout/weight_sync_fallbacks"] == 0 for row in rows)
-    assert all(row["rollout/logprob_diff"] <= LOGPROB_TOL for row in rows)
