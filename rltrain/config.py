@@ -196,6 +196,20 @@ class TrainerConfig:
     # An update whose loss or gradient is not finite is always skipped (weights never become NaN) and counted
     # in loss/nonfinite_skipped; skip: the run goes on | stop: the run stops with an error (exit 1).
     on_nonfinite: str = "skip"
+    # Eval sets scored at each evaluation (entries as eval.sets; docs/evaluation.md). Empty: the held-out rows,
+    # greedy pass@1, logged as eval/accuracy only; set: eval/<name>/pass@k, maj@k, avg@k ... as well.
+    eval_sets: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    """``rltrain-eval``: the sets scored, where eval.json / samples.jsonl go, the generation engine."""
+
+    # Each a name (heldout | math500 | aime24 | amc23 | gsm8k) or a dict {name, path, split, prompt_key,
+    # answer_key, n, temperature, top_p, max_tokens, template, reward, limit} (docs/evaluation.md).
+    sets: list[Any] = field(default_factory=lambda: ["heldout"])
+    output_dir: str | None = None  # null: run.dir
+    engine: str = "auto"  # auto: vllm where installed, else torch | torch | vllm
 
 
 @dataclass
@@ -248,6 +262,7 @@ class RLTrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -287,6 +302,7 @@ _CHOICES = {
     "tracking.wandb.mode": ("auto", "online", "offline", "disabled"),
     "algorithm.filter_metric": ("score", "acc"),
     "trainer.on_nonfinite": ("skip", "stop"),
+    "eval.engine": ("auto", "torch", "vllm"),
 }
 _VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 _MIN_TINY_VOCAB = 259  # a byte-level BPE: 256 byte tokens + 3 special tokens (rltrain.models)
@@ -411,6 +427,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_model(cfg.model, cfg.rollout.engine)
     _validate_algorithm(cfg)
     _validate_placement(cfg)
+    _validate_eval_sets(cfg)
     if not cfg.reward.functions:
         raise ConfigError("reward.functions=[]: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
     if cfg.rollout.logprob_diff_warn > cfg.rollout.logprob_diff_error:
@@ -421,6 +438,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.cluster.mode == "local" and cfg.cluster.address is not None:
         raise ConfigError(f"{setting('cluster.address', cfg.cluster.address)}: needs cluster.mode=address")
     check_components(cfg)
+
+
+def _validate_eval_sets(cfg: DictConfig) -> None:
+    from rltrain.eval.sets import parse_eval_sets
+
+    parse_eval_sets(cfg.trainer.eval_sets, "trainer.eval_sets")
+    parse_eval_sets(cfg.eval.sets, "eval.sets")
 
 
 def _validate_placement(cfg: DictConfig) -> None:
