@@ -224,7 +224,7 @@ def test_failing_reward_functions_and_a_killed_reward_actor_cost_on_error_and_th
     faulty = [
         _reward_functions("raises", "hangs", "returns_nan", "returns_none"),
         "reward.on_error=-1.0",
-        "reward.timeout_s=1",
+        "reward.timeout_s=0.5",
         "reward.num_workers=2",
         "reward.max_error_frac=1.0",  # never stop: this test is about going on
     ]
@@ -265,18 +265,16 @@ def test_non_finite_updates_are_skipped_and_counted_and_weights_stay_finite(tmp_
         _reward_functions("huge", length_first=False),
         "algorithm=dr_grpo",  # no std division: the huge rewards reach the loss as huge advantages
         "trainer.eval_every=0",
+        "trainer.on_nonfinite=skip",
     ]
-    _rltrain(tmp_path, *overflowing, "trainer.steps=2", "trainer.on_nonfinite=skip", f"run.dir={run_dir}")
+    _rltrain(tmp_path, *overflowing, "trainer.steps=2", f"run.dir={run_dir}")
     records = _metrics(run_dir)[1:]
     assert [r["step"] for r in records] == [1, 2]
     assert sum(r.get("loss/nonfinite_skipped", 0) for r in records) >= 1
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_2")
     assert all(torch.isfinite(p).all() for p in policy.parameters()), "a non-finite update reached the weights"
-
-    stopping = ["trainer.on_nonfinite=stop", "trainer.eval_before=false", f"run.dir={tmp_path / 'stop'}"]
-    proc = _rltrain(tmp_path, *overflowing, "trainer.steps=2", *stopping, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "trainer.on_nonfinite=stop" in _error_line(proc.stderr)
+    # trainer.on_nonfinite=stop turns the skipped update into a RunError: tests/unit/test_trainer.py (the CLI's
+    # exit 1 for a RunError is checked by the other faults here).
 
 
 # ---- storage -------------------------------------------------------------------------------------------------
