@@ -127,19 +127,33 @@ def _check_prompt(prompt: Any, where: str, key: str) -> None:
 
 
 def map_row(record: Any, prompt_key: str, answer_key: str, where: str, task: str) -> dict[str, Any]:
-    """``record`` with ``"prompt"``/``"answer"`` taken from ``prompt_key``/``answer_key``, plus ``task`` and ``id``."""
+    """``record`` with ``"prompt"``/``"answer"`` taken from ``prompt_key``/``answer_key``, plus ``task`` and ``id``.
+
+    A dotted key reads a nested field (``reward_model.ground_truth``), as in verl-style datasets.
+    """
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for key in (prompt_key, answer_key):
-        if key not in record or record[key] is None:
-            raise DataError(f"{where}: missing key {key!r} (row has {sorted(record)}); set data.prompt_key/answer_key")
-    _check_prompt(record[prompt_key], where, prompt_key)
+    prompt, answer = (_lookup(record, key, where) for key in (prompt_key, answer_key))
+    _check_prompt(prompt, where, prompt_key)
     row = dict(record)
-    row["prompt"] = record[prompt_key]
-    row["answer"] = record[answer_key]
+    row["prompt"] = prompt
+    row["answer"] = answer
     row.setdefault("task", task)
     row["id"] = str(record.get("id", where))
     return row
+
+
+def _lookup(record: dict[str, Any], key: str, where: str) -> Any:
+    """``record[key]``, following dots into nested objects when ``key`` itself is not a column."""
+    value: Any = record
+    for part in [key] if key in record else key.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            raise DataError(
+                f"{where}: missing key {key!r} (row has {sorted(record)}); set data.prompt_key/answer_key "
+                "(a dotted key such as reward_model.ground_truth reads a nested field)"
+            )
+        value = value[part]
+    return value
 
 
 def split_rows(

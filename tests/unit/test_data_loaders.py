@@ -74,6 +74,15 @@ def test_missing_key_names_file_line_and_key(tmp_path):
         load_task_data(_cfg(task="jsonl", path=path, num_eval=1))
 
 
+def test_dotted_answer_key_reads_a_nested_field(tmp_path):
+    records = [{"prompt": f"p{i}", "reward_model": {"ground_truth": str(i), "style": "rule"}} for i in range(4)]
+    path = _write_jsonl(tmp_path / "verl_style.jsonl", records)
+    train, held_out = load_task_data(_cfg(task="jsonl", path=path, answer_key="reward_model.ground_truth", num_eval=1))
+    assert [row["answer"] for row in train + held_out] == ["0", "1", "2", "3"]
+    with pytest.raises(DataError, match=rf"{path}:1: missing key 'reward_model.label'"):
+        load_task_data(_cfg(task="jsonl", path=path, answer_key="reward_model.label", num_eval=1))
+
+
 def test_bad_json_line_and_bad_prompt_type(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"prompt": "a", "answer": 1}\n\n{"prompt": "b", "answer":\n')
