@@ -6,7 +6,6 @@ All three are Hydra apps over the recipes in ``recipes/``:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -94,33 +93,11 @@ def _sft(cfg: DictConfig) -> None:
 
 
 def _eval(cfg: DictConfig) -> None:
-    """Greedy held-out pass@1 of ``model.path`` (e.g. a checkpoint dir), written to <run.dir>/eval.json."""
-    from rltrain.components import sampling_params
-    from rltrain.evaluation import evaluate
-    from rltrain.fsutil import atomic_write_text
-    from rltrain.prepare import prepare
-    from rltrain.rollout.torch_engine import TorchGenerator
+    """``model.path`` (an HF model dir or a checkpoint) on ``eval.sets``: a table, eval.json and samples.jsonl in
+    ``eval.output_dir`` (default run.dir); a re-run resumes from samples.jsonl (rltrain.eval.cli)."""
+    from rltrain.eval.cli import evaluate_model
 
-    prep = prepare(cfg, with_sft=False)
-    generator = TorchGenerator.from_pretrained(prep.model_path, dtype=cfg.model.dtype, seed=cfg.run.seed)
-    from rltrain.grading import RewardGrader
-    from rltrain.runtime import grader_options
-
-    with RewardGrader(**grader_options(cfg.reward)) as grader:
-        metrics = evaluate(
-            prep.eval_prompts,
-            prep.eval_rows,
-            generator.generate,
-            grader.grade,
-            lambda ids: prep.tokenizer.decode(list(ids), skip_special_tokens=True),
-            sampling_params(cfg.rollout, prep.stop_token_ids, evaluation=True),
-            prep.primary_reward,
-        )
-    run_dir = os.path.expanduser(cfg.run.dir)
-    os.makedirs(run_dir, exist_ok=True)
-    report = json.dumps({"model": prep.model_path, **metrics}, indent=2)
-    atomic_write_text(os.path.join(run_dir, "eval.json"), report + "\n")
-    print(report, flush=True)
+    evaluate_model(cfg)
 
 
 @hydra.main(config_path=RECIPES, config_name="quickstart", version_base="1.3")

@@ -146,8 +146,9 @@ def loop(
     progress = progress or Progress()
     fingerprint = run_fingerprint(cfg, trainer.prep)
     if start_step == 0 and tc.eval_before:
-        summary["eval/accuracy_before"] = trainer.evaluate()["eval/accuracy"]
-        tracker.log(0, {"eval/accuracy": summary["eval/accuracy_before"]})
+        before = trainer.evaluate()
+        summary["eval/accuracy_before"] = before["eval/accuracy"]
+        tracker.log(0, before)
     for step in range(start_step + 1, tc.steps + 1):
         if signals is not None and signals.stop_requested:  # before the first step: nothing new to save
             tracker.finish(plots=False)

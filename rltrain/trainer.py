@@ -23,7 +23,7 @@ from rltrain.algo.kl import kl_token_penalty
 from rltrain.components import build_loss_fn, sampling_params, tree_sampler_settings
 from rltrain.config import ConfigError
 from rltrain.errors import RunError
-from rltrain.evaluation import correctness, evaluate
+from rltrain.eval.run import correctness, evaluate_policy
 from rltrain.metrics import LAST, MAX, MEAN, SUM, Metric, reduce_metrics, tagged
 from rltrain.prepare import Prepared
 from rltrain.runtime import Runtime
@@ -281,13 +281,6 @@ class Trainer:
             log.warning("rollout/logprob_diff=%.4f exceeds rollout.logprob_diff_warn=%.3f", diff, rc.logprob_diff_warn)
 
     def evaluate(self) -> dict[str, float]:
-        prep = self.prep
-        return evaluate(
-            prep.eval_prompts,
-            prep.eval_rows,
-            self.runtime.generate,
-            self.runtime.grade,
-            lambda ids: prep.tokenizer.decode(list(ids), skip_special_tokens=True),
-            sampling_params(self.cfg.rollout, prep.stop_token_ids, evaluation=True),
-            prep.primary_reward,
-        )
+        """The current policy on the eval sets (``trainer.eval_sets``; docs/evaluation.md), via the rollout and
+        reward workers."""
+        return evaluate_policy(self.cfg, self.prep, self.runtime.generate, self.runtime.grade)

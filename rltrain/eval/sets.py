@@ -8,6 +8,7 @@ max_tokens, template, reward, limit}``. Without ``path`` the name picks a shippe
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from rltrain.config import ConfigError, setting
 
 HELDOUT = "heldout"
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 @dataclass(frozen=True)
@@ -140,3 +142,48 @@ def parse_eval_sets(entries: Any, key: str) -> list[EvalSet]:
     if duplicates:
         raise ConfigError(f"{setting(key, names)}: set names must be unique (repeated: {duplicates})")
     return parsed
+
+
+def load_set_rows(spec: EvalSet, heldout_rows: list[dict]) -> list[dict]:
+    """The rows of ``spec`` (``prompt``, ``answer``, unique ``id``, other columns kept), at most ``limit``.
+
+    ``heldout``: the run's own held-out rows. A shipped name: its vendored file (fetched with ``datasets`` from
+    the hub only when the file is absent). A ``path``: a .parquet file, a jsonl/json file, else an HF dataset
+    name (``repo`` or ``repo:config``) read at ``split``. Row ids are the row's position in the source.
+    """
+    if spec.path is None and spec.name == HELDOUT:
+        rows = [dict(row) for row in heldout_rows]
+    else:
+        rows = _source_rows(spec)
+    rows = rows[: spec.limit] if spec.limit else rows
+    ids = [row["id"] for row in rows]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"eval set {spec.name!r}: row ids are not unique")
+    if not rows:
+        raise ConfigError(f"eval set {spec.name!r}: no rows")
+    return rows
+
+
+def _source_rows(spec: EvalSet) -> list[dict]:
+    from rltrain.data.loaders import _iter_hf_rows, _iter_json_rows, _iter_parquet_rows, map_row
+
+    benchmark = SHIPPED.get(spec.name) if spec.path is None else None
+    prompt_key = spec.prompt_key or (benchmark.prompt_key if benchmark else "prompt")
+    answer_key = spec.answer_key or (benchmark.answer_key if benchmark else "answer")
+    if benchmark is not None:
+        file = os.path.join(DATA_DIR, benchmark.file)
+        records = _iter_json_rows(file) if os.path.isfile(file) else _iter_hf_rows(benchmark.hub, benchmark.hub_split)
+        if benchmark.row_filter is not None:
+            records = ((where, r) for where, r in records if re.search(benchmark.row_filter, str(r.get("url", ""))))
+    else:
+        path = os.path.expanduser(spec.path)
+        if path.endswith(".parquet"):
+            records = _iter_parquet_rows(path)
+        elif os.path.isfile(path):
+            records = _iter_json_rows(path)
+        else:
+            records = _iter_hf_rows(spec.path, spec.split)
+    return [
+        {**map_row(record, prompt_key, answer_key, where, spec.name), "id": f"{spec.name}-{index}"}
+        for index, (where, record) in enumerate(records)
+    ]

@@ -1,0 +1,135 @@
+"""``rltrain-eval``: score a model directory (an HF model or an rltrain checkpoint) on ``eval.sets``.
+
+Writes ``<eval.output_dir or run.dir>/samples.jsonl`` (every sample, appended as graded: a re-run resumes) and
+``eval.json`` (per set: its settings and metrics), prints a table. docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+
+from omegaconf import DictConfig
+
+from rltrain.eval.run import Graders, SampleLog, build_job, decoder, evaluate_sets, missing_samples
+from rltrain.eval.sets import parse_eval_sets
+
+log = logging.getLogger(__name__)
+TABLE_METRICS = ("pass@1", "maj@{n}", "pass@{n}", "avg@{n}", "response_len_mean", "truncated_frac")
+
+
+def resolve_engine(engine: str) -> str:
+    """``auto``: vllm where it is installed, else torch."""
+    if engine == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
+    return engine
+
+
+def make_generator(cfg: DictConfig, model_path: str):
+    """The in-process generation engine of ``eval.engine`` for ``model_path``."""
+    engine = resolve_engine(cfg.eval.engine)
+    log.info("rltrain-eval: %s engine", engine)
+    if engine == "vllm":
+        from rltrain.rollout.vllm_engine import VLLMGenerator
+
+        rc = cfg.rollout
+        return VLLMGenerator(
+            model_path,
+            seed=cfg.run.seed,
+            dtype=cfg.model.dtype,
+            enforce_eager=rc.enforce_eager,
+            tensor_parallel_size=rc.tensor_parallel_size,
+            gpu_memory_utilization=rc.gpu_memory_utilization,
+            block_size=rc.vllm_block_size,
+        )
+    import torch
+
+    from rltrain.rollout.torch_engine import TorchGenerator
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return TorchGenerator.from_pretrained(model_path, dtype=cfg.model.dtype, seed=cfg.run.seed, device=device)
+
+
+def evaluate_model(cfg: DictConfig) -> dict:
+    """Score ``model.path`` on every set of ``eval.sets``; returns the eval.json report."""
+    from rltrain.fsutil import atomic_write_text
+    from rltrain.prepare import prepare
+
+    prep = prepare(cfg, with_sft=False)
+    specs = parse_eval_sets(cfg.eval.sets, "eval.sets")
+    out_dir = os.path.expanduser(cfg.eval.output_dir or cfg.run.dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with Graders(cfg, prep.primary_reward) as graders, SampleLog(os.path.join(out_dir, "samples.jsonl")) as samples:
+        jobs = [build_job(cfg, prep, spec, *graders.for_set(spec)) for spec in specs]
+        todo = sum(len(indices) for job in jobs for _, indices in missing_samples(job, samples))
+        total = sum(len(job.rows) * job.spec.n for job in jobs)
+        log.info(
+            "rltrain-eval: %d of %d samples to generate (%d already in %s)", todo, total, total - todo, samples.path
+        )
+        generator = make_generator(cfg, prep.model_path) if todo else None
+        try:
+            with _progress(cfg, todo) as advance:
+                generate = generator.generate if generator is not None else None
+                results = evaluate_sets(jobs, samples, generate, decoder(prep.tokenizer), advance)
+        finally:
+            if generator is not None and hasattr(generator, "close"):
+                generator.close()
+    report = {
+        "model": prep.model_path,
+        "sets": {
+            job.spec.name: {"settings": _settings(job), "num_rows": len(job.rows), **results[job.spec.name]}
+            for job in jobs
+        },
+    }
+    atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    return report
+
+
+def _settings(job) -> dict:
+    settings = dataclasses.asdict(job.spec)
+    settings.update(max_tokens=job.params.max_tokens, grader=job.grader)
+    return settings
+
+
+@contextlib.contextmanager
+def _progress(cfg: DictConfig, total: int):
+    """A rich progress bar of samples generated and graded, with samples/s; yields ``advance(count)`` (None when
+    tracking.progress is off or nothing is left to do)."""
+    if not cfg.tracking.progress or total == 0:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class SamplesPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0.0:.1f} samples/s")
+
+    with Progress(
+        TextColumn("eval"), BarColumn(), MofNCompleteColumn(), SamplesPerSecond(), TimeRemainingColumn()
+    ) as bar:
+        task = bar.add_task("eval", total=total)
+        yield lambda count: bar.advance(task, count)
+
+
+def print_table(report: dict) -> None:
+    """One row per set: prompts, n, pass@1, maj@n, pass@n, avg@n (percent), mean length, truncated %."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"rltrain-eval: {report['model']}")
+    for column in ("set", "prompts", "n", "pass@1", "maj@n", "pass@n", "avg@n", "len", "truncated"):
+        table.add_column(column, justify="left" if column == "set" else "right")
+    for name, result in report["sets"].items():
+        n = result["settings"]["n"]
+        pass1, maj, passn, avg, length, truncated = (result[m.format(n=n)] for m in TABLE_METRICS)
+        percents = [f"{100 * value:.1f}" for value in (pass1, maj, passn, avg)]
+        table.add_row(
+            name, str(int(result["num_prompts"])), str(n), *percents, f"{length:.1f}", f"{100 * truncated:.1f}%"
+        )
+    Console().print(table)
