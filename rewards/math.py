@@ -8,8 +8,15 @@ is a set, ``\\$18.90`` money) as the LaTeX inside ``\\boxed{}``; a string that a
 delimiters (``$``, ``\\(``, ``\\[``, ``\\boxed``) is extracted like a completion; a GSM8K solution by its
 ``####`` line.
 
-Math-Verify's signal-based timeouts are switched off (they fail outside the main thread); time is bounded
-from outside by ``rltrain.grading.RewardGrader``, which kills a grader process that passes its deadline.
+Before Math-Verify, both sides are normalised where the public graders agree and Math-Verify does not
+(docs/evaluation.md, "Grader: answer equivalence"): a number followed by unit words (``5 dollars``,
+``\\text{12 square units}``) is the number, and ``1e3`` is ``1\\times10^{3}``.
+
+Time: Math-Verify's signal-based timeouts are switched off (they fail outside the main thread). Instead
+``score`` bounds its own time wherever it is called (rewards/_timebound.py): pathological answers and golds
+(power towers, numbers of thousands of digits, deep nesting, huge answers) are refused before parsing, and
+in the main thread the SymPy work is cut off after ``time_limit_s``; both score ``wrong_score``. Inside
+``rltrain.grading.RewardGrader`` the pool's deadline kills a grader process that still overruns.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from rewards._timebound import TimeUp, refusal_reason, time_limit
 from rewards.extract import after_answer_phrase, after_last, last_boxed, to_fraction
 
 
@@ -61,6 +69,16 @@ _MATH_DOLLAR_RE = re.compile(r"(?<!\\)\$")  # a "$" delimiter; "\\$" is a curren
 _PLAIN_NUMBER_GOLD_RE = re.compile(r"[\s\d.,%+\-]+")
 _FINAL_ANSWER_RE = re.compile(r"final answer is", re.IGNORECASE)
 _LATEX_SPACING_RE = re.compile(r"\\[,!; ]|\s")
+DEFAULT_TIME_LIMIT_S = 3.0
+# "5 dollars", "\\text{12 square units}", "7\\text{ cm}^2": a number and unit words (2+ letters) only
+_NUMBER_WITH_UNITS_RE = re.compile(
+    r"(?:\\(?:text|textbf|mathrm|mbox)\{)?\s*(?P<number>-?(?:\\\$)?\s*\d[\d,]*(?:\.\d+)?)\s*\}?\s*"
+    r"(?:\\(?:text|textbf|mathrm|mbox)\{)?\s*(?P<units>[A-Za-z][A-Za-z .]*[A-Za-z.])\s*\}?"
+    r"\s*(?:\^\{?[23]\}?)?\s*"
+)
+_NOT_UNITS = frozenset({"pi", "sqrt", "log", "sin", "cos", "tan", "sec", "csc", "cot", "mod", "and", "or"})
+_SHORT_UNITS = frozenset({"cm", "mm", "km", "ft", "in", "kg", "mg", "mi", "hr", "yd", "oz", "lb", "ml"})
+_SCIENTIFIC_RE = re.compile(r"(-?\d+(?:\.\d+)?)[eE]([+-]?\d{1,3})")  # "1e3", "2.5E-4"; 3-digit exponents at most
 
 
 @functools.lru_cache(maxsize=16)
@@ -81,9 +99,30 @@ def _parse(text: str, extract: tuple[str, ...]) -> list:
     return parse(text, list(_extraction_configs(extract)), parsing_timeout=None)
 
 
+def normalize(answer: str) -> str:
+    """The answer with the rewrites Math-Verify lacks: a number followed by unit words is the number (as
+    hendrycks' ``math_equivalence``, Minerva/DAPO and Qwen2.5-Math strip units), and calculator notation
+    ``1e3`` is ``1\\times10^{3}`` (as Qwen2.5-Math's float parsing reads it). Anything else unchanged."""
+    text = answer.strip()
+    units = _NUMBER_WITH_UNITS_RE.fullmatch(text)
+    if units and _are_units(units.group("units")):
+        return units.group("number").strip()
+    scientific = _SCIENTIFIC_RE.fullmatch(text)
+    if scientific:
+        return f"{scientific.group(1)}\\times10^{{{scientific.group(2)}}}"
+    return answer
+
+
+def _are_units(words: str) -> bool:
+    """Unit words, not maths: a first word of 3+ letters that is no function name, or a 2-letter unit."""
+    first = words.strip(" .").split()[0].lower() if words.strip(" .") else ""
+    return (len(first) >= 3 and first not in _NOT_UNITS) or first in _SHORT_UNITS
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str, extract: tuple[str, ...]) -> tuple:
     """Parsed gold answer(s); cached because a prompt's group shares one gold string."""
+    gold = normalize(gold)
     if "####" in gold:  # a whole GSM8K-style solution: the answer follows the last "####"
         gold = after_last(gold, "####") or gold
     if any(marker in gold for marker in _LATEX_MARKERS) or _MATH_DOLLAR_RE.search(gold):
@@ -164,8 +203,8 @@ def _quick(content: str, golds: list[str], float_rounding: int) -> bool | None:
     content = content.strip().rstrip(".").replace("{,}", ",")
     if content in (gold.strip() for gold in golds):
         return True
-    predicted = _plain_number(_LATEX_SPACING_RE.sub("", content))
-    expected = [_plain_number(gold.strip()) for gold in golds]
+    predicted = _plain_number(_LATEX_SPACING_RE.sub("", normalize(content)))
+    expected = [_plain_number(normalize(gold).strip()) for gold in golds]
     if predicted is None or any(value is None for value in expected):
         return None
     return any(_numbers_equal(predicted, value, float_rounding) for value in expected)
@@ -175,7 +214,7 @@ def _quick(content: str, golds: list[str], float_rounding: int) -> bool | None:
 def _box_verdict(golds: tuple[str, ...], content: str, extract: tuple[str, ...], options: tuple) -> bool | None:
     """Math-Verify's verdict on a single box; None when the box alone does not parse (then the rest of the
     window is read). Cached: the samples of one prompt often give the same answer."""
-    prediction = _parse(f"\\boxed{{{content}}}", extract)
+    prediction = _parse(f"\\boxed{{{normalize(content)}}}", extract)
     if not prediction:
         return None
     parsed_golds = [parsed for gold in golds for parsed in _parse_gold(gold, extract)]
@@ -220,6 +259,7 @@ def score(
     extract: Sequence[str] = ("latex", "expr"),
     correct_score: float = 1.0,
     wrong_score: float = 0.0,
+    time_limit_s: float | None = DEFAULT_TIME_LIMIT_S,
     **fields: Any,
 ) -> dict[str, float]:
     """``{"score": correct_score | wrong_score, "acc": 1.0 | 0.0, "gold_unparsed": 1.0 | 0.0}``.
@@ -228,7 +268,9 @@ def score(
     ``strict=False`` lets sets compare with tuples and matches variables by position.
     ``allow_set_relation_comp``: a predicted inequality may answer a gold set/interval.
     ``extract``: which Math-Verify targets read answers ("latex", "expr").
+    ``time_limit_s``: SymPy time after which the answer scores wrong (main thread only; None: no limit).
     ``gold_unparsed`` is 1.0 when the ground truth itself yields no answer (a data problem, scored wrong).
+    Pathological answers or golds (rewards/_timebound.py) score wrong without being parsed.
     """
     extract = tuple(extract)
     text = completion if isinstance(completion, str) else str(completion)
@@ -237,13 +279,39 @@ def score(
     box = single_box(window) if "latex" in extract else None
     correct = None if box is None else _quick(box, gold_strings, float_rounding)
     if correct is None:
-        golds = [parsed for gold in gold_strings for parsed in _parse_gold(gold, extract)]
-        if not golds:
-            return {"score": wrong_score, "acc": 0.0, "gold_unparsed": 1.0}
-        options = (float_rounding, numeric_precision, strict, allow_set_relation_comp)
-        if box is not None:
-            correct = _box_verdict(tuple(gold_strings), box, extract, options)
+        if any(refusal_reason(item) for item in (box if box is not None else window, *gold_strings)):
+            correct = False
+        else:
+            options = (float_rounding, numeric_precision, strict, allow_set_relation_comp)
+            try:
+                with time_limit(time_limit_s):
+                    correct = _symbolic_verdict(text, box, gold_strings, extract, options)
+            except TimeUp:
+                correct = False
         if correct is None:
-            prediction = parse_prediction(text, extract)
-            correct = bool(prediction) and _verify(golds, prediction, options)
+            return {"score": wrong_score, "acc": 0.0, "gold_unparsed": 1.0}
     return {"score": correct_score if correct else wrong_score, "acc": float(correct), "gold_unparsed": 0.0}
+
+
+def _symbolic_verdict(
+    text: str, box: str | None, gold_strings: list[str], extract: tuple[str, ...], options: tuple
+) -> bool | None:
+    """Math-Verify's verdict (the box alone first, then the whole window); None when no gold parses."""
+    golds = [parsed for gold in gold_strings for parsed in _parse_gold(gold, extract)]
+    if not golds:
+        return None
+    correct = None if box is None else _box_verdict(tuple(gold_strings), box, extract, options)
+    if correct is None:
+        prediction = parse_prediction(text, extract)
+        correct = bool(prediction) and _verify(golds, prediction, options)
+    return correct
+
+
+def equivalent(answer: str, gold: str, **options: Any) -> bool:
+    """Whether the final ``answer`` (bare, e.g. ``\\dfrac12``, or a completion with a box) is equivalent to
+    ``gold`` under ``score``'s rules and time bound; ``options`` are ``score``'s keywords. Used by maj@k."""
+    text = str(answer)
+    if not text.strip():
+        return False
+    completion = text if any(command in text for command in ("\\boxed", "\\fbox")) else f"\\boxed{{{text}}}"
+    return score(completion, gold, **options)["acc"] == 1.0
