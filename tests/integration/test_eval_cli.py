@@ -77,3 +77,40 @@ def test_eval_writes_table_json_and_samples_and_resumes_after_a_kill(tmp_path):
     assert [f"pass@{k}" in heldout and f"maj@{k}" in heldout for k in range(1, 5)] == [True] * 4
     accuracy = sum(r["correct"] for r in lines if r["set"] == "heldout") / total
     assert heldout["avg@4"] == pytest.approx(accuracy) and heldout["pass@1"] == pytest.approx(accuracy)
+
+
+def test_training_logs_each_eval_set_before_and_after_rl(tmp_path):
+    """One RL step of the shrunk quickstart with two eval sets: the rollout workers generate them, gsm8k is graded
+    by its own grader, and every pass@k / maj@k for k up to each set's n is logged at steps 0 and 1."""
+    run_dir = tmp_path / "train"
+    command = [
+        sys.executable,
+        "-m",
+        "rltrain",
+        "--config-name",
+        "quickstart",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        f"run.dir={run_dir}",
+        "data.num_train=256",
+        "data.num_eval=16",
+        "data.max_prompt_tokens=400",
+        "sft.steps=5",
+        "sft.batch_size=16",
+        "trainer.prompts_per_step=4",
+        "trainer.steps=1",
+        "rollout.n=4",
+        "rollout.num_workers=1",
+        "reward.num_workers=1",
+        "tracking=minimal",
+        "trainer.eval_sets=[{name:heldout,n:3,temperature:1.0},{name:gsm8k,limit:4,n:2,max_tokens:8}]",
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=420, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = _lines(run_dir / "metrics.jsonl")
+    for step in (0, 1):
+        logged = {key for record in records if record["step"] == step for key in record}
+        for name, n in (("heldout", 3), ("gsm8k", 2)):
+            for k in range(1, n + 1):
+                assert {f"eval/{name}/pass@{k}", f"eval/{name}/maj@{k}"} <= logged, (step, name, k)
+            assert f"eval/{name}/avg@{n}" in logged
+        assert "eval/accuracy" in logged
