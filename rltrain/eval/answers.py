@@ -45,9 +45,7 @@ def equivalence(grader: str) -> Callable[[str, str], bool]:
     if grader == "gsm8k":
         return _same_number
     if grader == "math":
-        import rewards.math
+        from rewards.math import equivalent
 
-        equivalent = getattr(rewards.math, "equivalent", None)
-        if equivalent is not None:
-            return equivalent
+        return equivalent
     return _same_text

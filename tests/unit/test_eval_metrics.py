@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from rltrain.eval.answers import equivalence, extract_answer
 from rltrain.eval.metrics import Sample, cluster, maj_at_k, majority_correct, pass_at_k, set_metrics
 
 
@@ -51,10 +52,7 @@ def test_majority_wins_and_a_tie_goes_to_the_first_seen_answer():
 
 
 def test_maj_at_k_groups_equivalent_answers():
-    math = pytest.importorskip("rewards.math")
-    equivalent = getattr(math, "equivalent", None)
-    if equivalent is None:
-        pytest.skip("rewards.math.equivalent is not there yet")
+    equivalent = equivalence("math")  # rewards.math.equivalent
     answers = ["3", "\\frac{1}{2}", "0.5", "3", "1/2"]
     assert cluster(answers, equivalent) == [0, 1, 1, 0, 1]
     assert maj_at_k(answers, [False, True, True, False, True], 5, equivalent) == 1.0
@@ -86,3 +84,12 @@ def test_set_metrics_refuses_a_prompt_short_of_samples():
     samples = _samples({"p0": [True, False]}, {"p0": ["1", "2"]})
     with pytest.raises(ValueError, match="p0"):
         set_metrics(samples, 3, _exact)
+
+
+def test_answers_are_extracted_as_the_grader_reads_them():
+    assert extract_answer("so it is \\boxed{\\frac{1}{2}}.", "math") == "\\frac{1}{2}"
+    assert extract_answer("She pays $1,234.50 in total.\n#### 1234.5", "gsm8k") == "1234.5"
+    assert extract_answer("17-16", "countdown") == "17-16"
+    assert extract_answer("   ", "countdown") is None
+    assert equivalence("gsm8k")("1,234.50", "1234.5") and not equivalence("gsm8k")("12", "13")
+    assert equivalence("countdown")("17 - 16", "17  - 16") and not equivalence("countdown")("17-16", "16-17")
