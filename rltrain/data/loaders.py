@@ -102,7 +102,9 @@ def _iter_hf_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:
     try:
         import datasets
     except ImportError as exc:
-        raise ConfigError("data.task=hf needs the 'datasets' package: pip install 'rltrain[hf]' or pip install datasets") from exc
+        raise ConfigError(
+            "data.task=hf needs the 'datasets' package: pip install 'rltrain[hf]' or pip install datasets"
+        ) from exc
     repo, _, config_name = name.partition(":")
     try:
         dataset = datasets.load_dataset(repo, config_name or None, split=split)
