@@ -33,6 +33,9 @@ class SetJob:
     params: SamplingParams
     grade: Grade
     grader: str  # the grader whose answers and equivalence maj@k uses (e.g. "math", "countdown")
+    # What produced a sample (model and sampling settings): a logged sample counts as done only under the same
+    # identity, so re-running with another model or temperature into the same samples.jsonl regenerates.
+    identity: str = ""
 
 
 class SampleLog:
@@ -82,11 +85,17 @@ class SampleLog:
         self.close()
 
 
+def is_done(job: SetJob, log: SampleLog, prompt_id: str, index: int) -> bool:
+    """A sample of this job (same set, prompt, index and identity) is in the log."""
+    record = log.records.get((job.spec.name, prompt_id, index))
+    return record is not None and record.get("identity", "") == job.identity
+
+
 def missing_samples(job: SetJob, log: SampleLog) -> list[tuple[int, list[int]]]:
     """(row position, sample indices not in the log) for every row with something left to generate."""
     todo = []
     for position, row in enumerate(job.rows):
-        indices = [i for i in range(job.spec.n) if (job.spec.name, row["id"], i) not in log.records]
+        indices = [i for i in range(job.spec.n) if not is_done(job, log, row["id"], i)]
         if indices:
             todo.append((position, indices))
     return todo
@@ -129,6 +138,7 @@ def _record(job: SetJob, row: dict, index: int, result: GenResult, completion: s
         "set": job.spec.name,
         "prompt_id": row["id"],
         "index": index,
+        "identity": job.identity,
         "completion": completion,
         "answer": extract_answer(completion, job.grader),
         "gold": row["answer"],
@@ -194,7 +204,16 @@ def build_job(cfg, prep, spec: EvalSet, grade: Grade, grader: str) -> SetJob:
         stop_token_ids=tuple(prep.stop_token_ids),
         stop_strings=tuple(cfg.rollout.stop_strings),
     )
-    return SetJob(spec, rows, prompt_ids, params, grade, grader)
+    return SetJob(spec, rows, prompt_ids, params, grade, grader, sample_identity(prep.model_path, spec, params))
+
+
+def sample_identity(model_path: str, spec: EvalSet, params: SamplingParams) -> str:
+    """A short hash of the model directory and everything that decides a set's samples."""
+    import dataclasses
+    import hashlib
+
+    what = {"model": os.path.abspath(model_path), "set": dataclasses.asdict(spec), "params": dataclasses.asdict(params)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def correctness(parts: dict, rewards, primary: str):

@@ -81,6 +81,26 @@ class EncodingTokenizer(FakeTokenizer):
         return [ord(c) for c in text]
 
 
+def test_samples_of_another_model_or_setting_are_regenerated_not_reused(tmp_path):
+    path = str(tmp_path / "samples.jsonl")
+    _run(path, FakeRuntime())
+    with SampleLog(path) as log:
+        assert missing_samples(_job(FakeRuntime()), log) == []
+        other_model = dataclasses.replace(_job(FakeRuntime()), identity="another-model")
+        assert missing_samples(other_model, log) == [(i, list(range(N))) for i in range(len(ROWS))]
+
+
+def test_sample_identity_follows_model_and_sampling_settings():
+    from rltrain.eval.run import sample_identity
+
+    spec, params = EvalSet("toy", n=N, temperature=1.0), SamplingParams(temperature=1.0, max_tokens=8)
+    base = sample_identity("/models/a", spec, params)
+    assert base == sample_identity("/models/a", spec, params)
+    assert base != sample_identity("/models/b", spec, params)
+    assert base != sample_identity("/models/a", dataclasses.replace(spec, temperature=0.6), params)
+    assert base != sample_identity("/models/a", spec, dataclasses.replace(params, max_tokens=16))
+
+
 def test_in_training_evaluation_logs_each_set_and_the_compat_keys():
     cfg = compose(["trainer.eval_sets=[{name:heldout,n:4,temperature:1.0}]"])
     prep = dataclasses.replace(prepared(), tokenizer=EncodingTokenizer(), eval_rows=ROWS)
