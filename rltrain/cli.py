@@ -74,13 +74,24 @@ def _train(cfg: DictConfig) -> None:
 def print_summary(cfg: DictConfig, summary: dict) -> None:
     before, after = summary.get("eval/accuracy_before"), summary.get("eval/accuracy_after")
     lines = [f"run dir: {os.path.abspath(os.path.expanduser(cfg.run.dir))}"]
+    label = _accuracy_label(cfg)
     if before is not None:
-        lines.append(f"held-out pass@1 (greedy) before RL (SFT base): {100 * before:.1f}%")
+        lines.append(f"{label} before RL (SFT base): {100 * before:.1f}%")
     if after is not None:
-        lines.append(f"held-out pass@1 (greedy) after RL (policy):    {100 * after:.1f}%")
+        lines.append(f"{label} after RL (policy):    {100 * after:.1f}%")
     if before is not None and after is not None:
         lines.append(f"change: {100 * (after - before):+.1f} points (seed {cfg.run.seed})")
     print("\n".join(lines), flush=True)
+
+
+def _accuracy_label(cfg: DictConfig) -> str:
+    """What ``eval/accuracy`` measured: greedy held-out pass@1 by default, else pass@1 of the set it comes from."""
+    from rltrain.eval.sets import HELDOUT, parse_eval_sets
+
+    names = [spec.name for spec in parse_eval_sets(cfg.trainer.eval_sets, "trainer.eval_sets")]
+    if not names:
+        return "held-out pass@1 (greedy)"
+    return "held-out pass@1" if HELDOUT in names else f"{names[0]} pass@1"
 
 
 def _sft(cfg: DictConfig) -> None:
