@@ -21,12 +21,15 @@ in the main thread the SymPy work is cut off after ``time_limit_s``; both score 
 
 from __future__ import annotations
 
+import cmath
 import functools
+import itertools
 import logging
 import re
 from collections.abc import Sequence
 from typing import Any
 
+import sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from rewards._timebound import TimeUp, refusal_reason, time_limit
@@ -70,6 +73,10 @@ _PLAIN_NUMBER_GOLD_RE = re.compile(r"[\s\d.,%+\-]+")
 _FINAL_ANSWER_RE = re.compile(r"final answer is", re.IGNORECASE)
 _LATEX_SPACING_RE = re.compile(r"\\[,!; ]|\s")
 DEFAULT_TIME_LIMIT_S = 3.0
+_MAX_CACHED_PARSE_CHARS = 300
+_FRAC_VARIANT_RE = re.compile(r"\\[dt]frac(?![a-zA-Z])")
+_LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![a-zA-Z])")
+_VARIABLE_PREFIX_RE = re.compile(r"^[a-zA-Z]=(?!.*=)")  # "x=" before an answer that has no other "="
 # "5 dollars", "\\text{12 square units}", "7\\text{ cm}^2": a number and unit words (2+ letters) only
 _NUMBER_WITH_UNITS_RE = re.compile(
     r"(?:\\(?:text|textbf|mathrm|mbox)\{)?\s*(?P<number>-?(?:\\\$)?\s*\d[\d,]*(?:\.\d+)?)\s*\}?\s*"
@@ -96,7 +103,16 @@ def _extraction_configs(extract: tuple[str, ...]) -> tuple[Any, ...]:
 
 
 def _parse(text: str, extract: tuple[str, ...]) -> list:
+    """Math-Verify's parse; short texts (answers, golds, boxes: they repeat across a group and across
+    problems) come from a per-process cache. SymPy objects are immutable, so sharing them is safe."""
+    if len(text) <= _MAX_CACHED_PARSE_CHARS:
+        return list(_parse_cached(text, extract))
     return parse(text, list(_extraction_configs(extract)), parsing_timeout=None)
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse_cached(text: str, extract: tuple[str, ...]) -> tuple:
+    return tuple(parse(text, list(_extraction_configs(extract)), parsing_timeout=None))
 
 
 def normalize(answer: str) -> str:
@@ -199,9 +215,20 @@ def quick_verdict(window: str, golds: list[str], float_rounding: int) -> bool | 
     return None if content is None else _quick(content, golds, float_rounding)
 
 
+def _spelling(answer: str) -> str:
+    """The answer with only its spelling normalised: no spaces or LaTeX spacing, ``\\dfrac``/``\\tfrac`` as
+    ``\\frac``, no ``\\left``/``\\right``, no trailing period, no ``x =`` in front (hendrycks'
+    ``math_equivalence`` normalisations). Equal spellings are equal answers, decided without parsing."""
+    text = _LATEX_SPACING_RE.sub("", answer).rstrip(".")
+    text = _FRAC_VARIANT_RE.sub(r"\\frac", _LEFT_RIGHT_RE.sub("", text))
+    return _VARIABLE_PREFIX_RE.sub("", text, count=1)
+
+
 def _quick(content: str, golds: list[str], float_rounding: int) -> bool | None:
     content = content.strip().rstrip(".").replace("{,}", ",")
     if content in (gold.strip() for gold in golds):
+        return True
+    if _spelling(content) in (_spelling(gold) for gold in golds):
         return True
     predicted = _plain_number(_LATEX_SPACING_RE.sub("", normalize(content)))
     expected = [_plain_number(normalize(gold).strip()) for gold in golds]
@@ -223,6 +250,8 @@ def _box_verdict(golds: tuple[str, ...], content: str, extract: tuple[str, ...],
 
 def _verify(golds: list, prediction: list, options: tuple) -> bool:
     float_rounding, numeric_precision, strict, allow_set_relation_comp = options
+    if _numbers_differ(golds, prediction, float_rounding):
+        return False
     return verify(
         golds,
         prediction,
@@ -232,6 +261,40 @@ def _verify(golds: list, prediction: list, options: tuple) -> bool:
         allow_set_relation_comp=allow_set_relation_comp,
         timeout_seconds=None,
     )
+
+
+def _numeric_values(parsed: list) -> list[complex] | None:
+    """The values of parsed answers that are all constant numbers (``\\frac{14}{3}``, ``2\\sqrt{3}``,
+    ``\\pi/2``), else None (symbols, sets, intervals, tuples, equations, matrices). Math-Verify pairs each
+    SymPy object with its source string; the strings are skipped."""
+    values = []
+    for item in parsed:
+        if isinstance(item, str):
+            continue
+        if not isinstance(item, sympy.Expr) or not item.is_number:
+            return None
+        try:
+            value = complex(item.evalf(30))
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+            return None
+        if not cmath.isfinite(value):
+            return None
+        values.append(value)
+    return values or None
+
+
+def _numbers_differ(golds: list, prediction: list, float_rounding: int) -> bool:
+    """True when every gold and every predicted answer is a constant number and no pair is close: Math-Verify
+    would reject them too, after a SymPy ``simplify`` that costs ~30 ms. Close: within ``10**-float_rounding``
+    or a relative 1e-6 (so 0.333333 against 1/3 still goes to Math-Verify), or a factor 100 (percentages)."""
+    gold_values, predicted_values = _numeric_values(golds), _numeric_values(prediction)
+    if gold_values is None or predicted_values is None:
+        return False
+    for gold, predicted in itertools.product(gold_values, predicted_values):
+        tolerance = max(10.0**-float_rounding, 1e-6 * max(abs(gold), abs(predicted)))
+        if abs(gold - predicted) <= tolerance or abs(gold * 100 - predicted) <= tolerance:
+            return False
+    return True
 
 
 def _plain_number(text: str) -> tuple | None:
