@@ -28,8 +28,9 @@ MAX_FACTORIAL_ARG = 10_000
 
 _DIGIT_RUN_RE = re.compile(rf"\d{{{MAX_DIGITS + 1},}}")
 # a numeric (or numeric-tower) exponent: "10^{100}", "2^100", "9^{9^{9}}"; a base that is not a number
-# ("x^{10^6}", "(10^{10})^{10^{10}}") is estimated as 10; an unbraced chain "9^9^9" is the tower 9^(9^9)
-_NUMERIC_POWER_RE = re.compile(r"(\d+(?:\.\d+)?)?\s*\^\s*(\{[-\d\s^{}]*\}|-?\d+(?:\s*\^\s*-?\d+)*)")
+# ("x^{10^6}", "(10^{10})^{10^{10}}") is estimated as 10; an unbraced chain "9^9^9" is the tower 9^(9^9);
+# Python's "2**(10**10)" is read with "**" as "^"
+_NUMERIC_POWER_RE = re.compile(r"(\d+(?:\.\d+)?)?\s*\^\s*(\{[-\d\s^{}()]*\}|\([-\d\s^{}()]*\)|-?\d+(?:\s*\^\s*-?\d+)*)")
 _FACTORIAL_RE = re.compile(r"(\d+)\s*!")
 
 
@@ -94,6 +95,11 @@ def refusal_reason(text: str) -> str | None:
         return f"number with more than {MAX_DIGITS} digits"
     if _max_nesting(text) > MAX_NESTING:
         return f"nesting deeper than {MAX_NESTING}"
+    return power_refusal_reason(text)
+
+
+def power_refusal_reason(text: str) -> str | None:
+    """Why ``text`` holds a number too large to compute (power tower, huge power or factorial), or None."""
     text = text.replace("**", "^")
     if "^" in text:
         if _exponent_depth(text) > MAX_EXPONENT_DEPTH:

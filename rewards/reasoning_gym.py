@@ -6,6 +6,10 @@ ground truth under ``answer`` and the entry's ``metadata`` column (a dict or its
 ``<answer>…</answer>`` (``answer_tag=False``: the whole stripped completion). Many verifiers give a wrong
 but present answer a small "format credit" (0.01-0.05); it is kept only with ``format_credit=True``. Larger
 partial credit (e.g. ``word_sorting``'s share of words in place) is kept, with ``acc`` 0.
+
+Time: some verifiers evaluate the answer (countdown's with SymPy, where ``9**9**9`` never finishes), so an
+answer holding a power tower or a huge power/factorial scores 0 without the verifier, and in the main thread
+the verifier is cut off after ``time_limit_s`` (rewards/_timebound.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ except ImportError as error:  # raised at start-up by rltrain.grading, before an
     raise ImportError(
         "the reasoning_gym grader needs the reasoning-gym package: pip install 'rltrain[reasoning-gym]'"
     ) from error
+
+from rewards._timebound import TimeUp, power_refusal_reason, time_limit
 
 COLUMNS = ("metadata", "question")  # dataset columns rltrain.grading passes to this grader
 FORMAT_CREDIT_MAX = 0.05  # verifier scores at or below this for a wrong answer are format credit
@@ -38,6 +44,7 @@ def score(
     task: str | None = None,
     answer_tag: bool = True,
     format_credit: bool = False,
+    time_limit_s: float | None = 5.0,
     metadata: Any = None,
     question: str = "",
     **fields: Any,
@@ -52,7 +59,13 @@ def score(
     text = completion if isinstance(completion, str) else str(completion)
     answer = answer_in_tags(text) if answer_tag else text.strip()
     entry = {"question": question, "answer": ground_truth, "metadata": metadata}
-    value = min(1.0, max(0.0, float(reasoning_gym.get_score_answer_fn(name)(answer, entry))))
+    if answer is not None and power_refusal_reason(answer):
+        return {"score": 0.0, "acc": 0.0}
+    try:
+        with time_limit(time_limit_s):
+            value = min(1.0, max(0.0, float(reasoning_gym.get_score_answer_fn(name)(answer, entry))))
+    except TimeUp:
+        return {"score": 0.0, "acc": 0.0}
     if not format_credit and value <= FORMAT_CREDIT_MAX:
         value = 0.0
     return {"score": value, "acc": float(value >= 1.0)}

@@ -137,7 +137,7 @@ DISAGREEMENTS = [
     ("0.3333", r"\frac13", False, "Q"),  # likewise: 4 decimals are not 1/3 (Math-Verify rounds at 6)
     ("2,1", "1,2", True, "NM"),  # a bare comma list is the set of solutions; Qwen compares it as a tuple
     ("monday", "Monday", True, "M"),  # case of a word answer; hendrycks/verl compare strings exactly
-    (r"10\%", "10", True, "N"),  # NeMo-Skills drops a percent sign; "10%" answers a question asking for a percent
+    ("0.5", r"50\%", True, "QM"),  # NeMo-Skills drops the % and compares 0.5 with 50; 50% is 0.5
 ]
 
 

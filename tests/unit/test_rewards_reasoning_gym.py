@@ -127,7 +127,7 @@ def test_task_is_required_and_checked_at_start_up():
 
 def test_graded_through_the_pool_with_dataset_columns():
     """Rows as a dataset gives them (answer, question, metadata, other columns): the pool passes the grader only
-    its columns; an answer its verifier computes for ever (``9**9**9`` in countdown) ends at the deadline."""
+    its columns; an answer its verifier would compute for ever (``9**9**9`` in countdown) scores 0 at once."""
     entries = [entry for task in ("gsm_symbolic", "countdown", "word_sorting") for entry in _entries(task, size=2)]
     rows = [{**entry, "id": f"row {i}", "task": "rg"} for i, entry in enumerate(entries)]
     completions = [f"<answer>{entry['answer']}</answer>" for entry in entries]
@@ -136,5 +136,5 @@ def test_graded_through_the_pool_with_dataset_columns():
     options = {"num_workers": 2, "timeout_s": 3.0, "on_error": -1.0, "max_error_frac": 1.0}
     with RewardGrader([{"fn": "reasoning_gym"}], **options) as pool:
         result = pool.grade(completions + wrong + ["<answer>9**9**9</answer>"], rows + rows + [countdown])
-    assert result.rewards.tolist() == [1.0] * len(rows) + [0.0] * len(rows) + [-1.0]
-    assert result.metrics["reward/errors/timeout"] == 1 and result.metrics["reward/errors/exception"] == 0
+    assert result.rewards.tolist() == [1.0] * len(rows) + [0.0] * len(rows) + [0.0]
+    assert result.metrics["reward/errors/timeout"] == 0 and result.metrics["reward/errors/exception"] == 0

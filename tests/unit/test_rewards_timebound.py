@@ -139,3 +139,16 @@ def test_numeric_graders_return_quickly_on_random_latex(text):
     assert gsm8k.score(f"#### {text}", "12")["acc"] in (0.0, 1.0)
     assert countdown.score(f"<answer>{text}</answer>", {"target": 24, "numbers": [1, 2, 3, 4]}) is not None
     assert time.monotonic() - start < HANG_BOUND_S
+
+
+@pytest.mark.parametrize("answer", ["9**9**9", "9**9**9**9", "2**(10**10)"])
+def test_reasoning_gym_power_towers_score_zero_without_the_verifier(answer):
+    import reasoning_gym as rg
+
+    from rewards import reasoning_gym as rg_grader
+
+    entry = next(iter(rg.create_dataset("countdown", size=1, seed=7)))
+    start = time.monotonic()
+    result = rg_grader.score(f"<answer>{answer}</answer>", entry["answer"], metadata=entry["metadata"])
+    assert result == {"score": 0.0, "acc": 0.0}
+    assert time.monotonic() - start < HANG_BOUND_S
