@@ -32,6 +32,7 @@ from typing import Any
 import sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from rewards import _latex_number as latex_number
 from rewards._timebound import TimeUp, refusal_reason, time_limit
 from rewards.extract import after_answer_phrase, after_last, last_boxed, to_fraction
 
@@ -287,14 +288,28 @@ def _numbers_differ(golds: list, prediction: list, float_rounding: int) -> bool:
     """True when every gold and every predicted answer is a constant number and no pair is close: Math-Verify
     would reject them too, after a SymPy ``simplify`` that costs ~30 ms. Close: within ``10**-float_rounding``
     or a relative 1e-6 (so 0.333333 against 1/3 still goes to Math-Verify), or a factor 100 (percentages)."""
-    gold_values, predicted_values = _numeric_values(golds), _numeric_values(prediction)
-    if gold_values is None or predicted_values is None:
+    return _all_far(_numeric_values(golds), _numeric_values(prediction), float_rounding)
+
+
+def _all_far(gold_values: list | None, predicted_values: list | None, float_rounding: int) -> bool:
+    """True when both lists hold values and no (gold, predicted) pair is close (see ``_numbers_differ``)."""
+    if not gold_values or not predicted_values:
         return False
     for gold, predicted in itertools.product(gold_values, predicted_values):
         tolerance = max(10.0**-float_rounding, 1e-6 * max(abs(gold), abs(predicted)))
         if abs(gold - predicted) <= tolerance or abs(gold * 100 - predicted) <= tolerance:
             return False
     return True
+
+
+def _constants_differ(box: str, golds: list[str], float_rounding: int) -> bool:
+    """``_numbers_differ`` before any parsing, when the box and every gold are constant LaTeX numbers that
+    ``rewards._latex_number`` reads (``\\frac{14}{3}`` against ``3\\sqrt{13}``): saves two LaTeX parses."""
+    predicted = latex_number.value(normalize(box))
+    if predicted is None:
+        return False
+    gold_values = [latex_number.value(normalize(gold)) for gold in golds]
+    return None not in gold_values and _all_far(gold_values, [predicted], float_rounding)
 
 
 def _plain_number(text: str) -> tuple | None:
@@ -341,6 +356,8 @@ def score(
     window = answer_window(text)
     box = single_box(window) if "latex" in extract else None
     correct = None if box is None else _quick(box, gold_strings, float_rounding)
+    if correct is None and box is not None and _constants_differ(box, gold_strings, float_rounding):
+        correct = False
     if correct is None:
         if any(refusal_reason(item) for item in (box if box is not None else window, *gold_strings)):
             correct = False

@@ -129,3 +129,41 @@ def test_percent_list_and_money_golds(completion, gold):
 def test_list_gold_is_not_read_as_a_decimal():
     assert math_grader.score(r"\boxed{-2.1}", "-2,1")["acc"] == 0.0
     assert math_grader.score(r"\boxed{7}", "3, 5, 7")["acc"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("latex", "expected"),
+    [
+        (r"\frac{14}{3}", 14 / 3),
+        (r"3\sqrt{13}", 3 * 13**0.5),
+        (r"-\dfrac{\pi}{2}", -3.141592653589793 / 2),
+        ("10^{-2}", 0.01),
+        (r"\left(3\right)^2", 9.0),
+        (r"2\cdot 3 + 1", 7.0),
+    ],
+)
+def test_constant_latex_numbers_are_read_without_the_parser(latex, expected):
+    from rewards._latex_number import value
+
+    assert value(latex) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "latex", ["1 000", r"2\frac{1}{2}", r"\frac34", "x", r"\sqrt{-1}", "(1,2)", r"10^{10^{10}}", r"90^\circ", "1/0"]
+)
+def test_anything_but_a_plain_constant_is_left_to_math_verify(latex):
+    from rewards._latex_number import value
+
+    assert value(latex) is None
+
+
+def test_constants_rejected_before_parsing_agree_with_math_verify():
+    from math_verify import verify
+
+    for box, gold in [(r"\frac{14}{3}", r"3\sqrt{13}"), (r"2\pi", r"\frac{\pi}{2}"), ("0.5", r"\frac{1}{3}")]:
+        assert math_grader._constants_differ(box, [gold], 6)
+        assert math_grader.score(rf"\boxed{{{box}}}", gold, time_limit_s=None)["acc"] == 0.0
+        parsed_gold = list(math_grader._parse_gold(gold, ("latex", "expr")))
+        assert not verify(parsed_gold, math_grader._parse(rf"\boxed{{{box}}}", ("latex", "expr")))
+    assert not math_grader._constants_differ("0.333333", [r"\frac{1}{3}"], 6)  # close: Math-Verify decides
+    assert not math_grader._constants_differ("10", [r"\frac{1}{10}"], 6)  # a factor 100 (percent): likewise
