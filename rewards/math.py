@@ -75,6 +75,10 @@ _FINAL_ANSWER_RE = re.compile(r"final answer is", re.IGNORECASE)
 _LATEX_SPACING_RE = re.compile(r"\\[,!; ]|\s")
 DEFAULT_TIME_LIMIT_S = 3.0
 _MAX_CACHED_PARSE_CHARS = 300
+# Verdicts on answers read from the whole window, keyed by what was extracted (its SymPy form and source
+# text): a group's samples, and a model's habits, repeat the same final expression.
+_WINDOW_VERDICTS: dict[tuple, bool] = {}
+_MAX_WINDOW_VERDICTS = 8192
 _FRAC_VARIANT_RE = re.compile(r"\\[dt]frac(?![a-zA-Z])")
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![a-zA-Z])")
 _VARIABLE_PREFIX_RE = re.compile(r"^[a-zA-Z]=(?!.*=)")  # "x=" before an answer that has no other "="
@@ -383,7 +387,15 @@ def _symbolic_verdict(
     correct = None if box is None else _box_verdict(tuple(gold_strings), box, extract, options)
     if correct is None:
         prediction = parse_prediction(text, extract)
-        correct = bool(prediction) and _verify(golds, prediction, options)
+        if not prediction:
+            return False
+        key = (tuple(gold_strings), tuple(map(str, prediction)), extract, options)
+        correct = _WINDOW_VERDICTS.get(key)
+        if correct is None:
+            correct = _verify(golds, prediction, options)
+            if len(_WINDOW_VERDICTS) >= _MAX_WINDOW_VERDICTS:
+                _WINDOW_VERDICTS.pop(next(iter(_WINDOW_VERDICTS)))  # the oldest entry
+            _WINDOW_VERDICTS[key] = correct
     return correct
 
 
