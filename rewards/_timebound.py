@@ -38,13 +38,13 @@ class TimeUp(BaseException):  # noqa: N818 - BaseException: Math-Verify's "excep
     """Raised inside the guarded block when its time is up."""
 
 
-def _max_nesting(text: str) -> int:
+def _max_nesting(text: str, opening: str = "{[(", closing: str = "}])") -> int:
     depth = deepest = 0
     for char in text:
-        if char in "{[(":
+        if char in opening:
             depth += 1
             deepest = max(deepest, depth)
-        elif char in "}])":
+        elif char in closing:
             depth = max(depth - 1, 0)
     return deepest
 
@@ -87,13 +87,15 @@ def _power_digits(base: str, exponent: str) -> float:
     return base_log10 * 10**exponent_log10
 
 
-def refusal_reason(text: str) -> str | None:
-    """Why ``text`` (an answer or a gold) is refused before parsing, or None when it is safe to parse."""
-    if len(text) > MAX_ANSWER_CHARS:
+def refusal_reason(text: str, prose: bool = False) -> str | None:
+    """Why ``text`` (an answer, or with ``prose`` a completion window or a gold solution) is refused before
+    parsing, or None when it is safe to parse. Prose may be long and has unmatched brackets ("1)", "(a"),
+    so only its braces count for nesting (LaTeX groups, always balanced) and its length is not limited."""
+    if not prose and len(text) > MAX_ANSWER_CHARS:
         return f"answer longer than {MAX_ANSWER_CHARS} characters"
     if _DIGIT_RUN_RE.search(text):
         return f"number with more than {MAX_DIGITS} digits"
-    if _max_nesting(text) > MAX_NESTING:
+    if (_max_nesting(text, "{", "}") if prose else _max_nesting(text)) > MAX_NESTING:
         return f"nesting deeper than {MAX_NESTING}"
     return power_refusal_reason(text)
 

@@ -363,7 +363,8 @@ def score(
     if correct is None and box is not None and _constants_differ(box, gold_strings, float_rounding):
         correct = False
     if correct is None:
-        if any(refusal_reason(item) for item in (box if box is not None else window, *gold_strings)):
+        answer_refused = refusal_reason(box) if box is not None else refusal_reason(window, prose=True)
+        if answer_refused or any(refusal_reason(gold, prose=True) for gold in gold_strings):
             correct = False
         else:
             options = (float_rounding, numeric_precision, strict, allow_set_relation_comp)

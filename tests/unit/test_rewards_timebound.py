@@ -152,3 +152,11 @@ def test_reasoning_gym_power_towers_score_zero_without_the_verifier(answer):
     result = rg_grader.score(f"<answer>{answer}</answer>", entry["answer"], metadata=entry["metadata"])
     assert result == {"score": 0.0, "acc": 0.0}
     assert time.monotonic() - start < HANG_BOUND_S
+
+
+def test_prose_windows_and_gold_solutions_are_judged_by_their_latex_only():
+    prose = "Case (a: we try 1), 2), 3) and so on. " * 100 + "The final answer is $5$."
+    assert refusal_reason(prose) is not None  # as an answer it would be far too long
+    assert refusal_reason(prose, prose=True) is None
+    assert refusal_reason("so $" + "{" * 12 + "1" + "}" * 12 + "$", prose=True) is not None
+    assert math_grader.score(prose, "5")["acc"] == 1.0
