@@ -27,8 +27,7 @@ LENGTH = os.path.join(os.path.dirname(__file__), "data", "length_reward.py")
 # One rollout worker and a 4-prompt held-out set: the faults concern the run, not the rollout or its evaluation.
 FAST = ["rollout.num_workers=1", "data.num_eval=4"]
 STEPS = 5
-# A run that checkpoints every step; the uninterrupted run of these settings is the reference for resumes.
-RESUMABLE = [*FAST, f"trainer.steps={STEPS}", "trainer.save_every=1", "trainer.eval_every=0"]
+
 COMPARED = ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean")
 SAMPLES_PER_STEP = 16  # SMALL (test_quickstart_e2e): 4 prompts x 4 samples
 
@@ -37,6 +36,13 @@ def _reward_functions(*names: str, length_first: bool = True) -> str:
     entries = [f"{{fn: '{LENGTH}:score'}}"] if length_first else []
     entries += [f"{{fn: '{FAULTY}:{name}'}}" for name in names]
     return f"reward.functions=[{', '.join(entries)}]"
+
+
+# The length reward plus one that sleeps 50 ms a call: a step takes ~1 s instead of a few ms, so a fault injected
+# when step k is seen done lands in step k + 1 (the paced reward adds 0 to every reward: the numbers are the same).
+PACED = _reward_functions("sleeps")
+# A run that checkpoints every step; the uninterrupted run of these settings is the reference for resumes.
+RESUMABLE = [*FAST, PACED, f"trainer.steps={STEPS}", "trainer.save_every=1", "trainer.eval_every=0"]
 
 
 # ---- the run as a process tree -------------------------------------------------------------------------------
@@ -307,7 +313,7 @@ def test_a_full_disk_at_checkpoint_time_names_the_path_and_keeps_the_previous_ch
     from rltrain.checkpoint import load_trainer_state
 
     run_dir = tmp_path / "run"
-    args = [*FAST, "trainer.steps=3", "trainer.save_every=1", "trainer.eval_every=0", f"run.dir={run_dir}"]
+    args = [*FAST, PACED, "trainer.steps=3", "trainer.save_every=1", "trainer.eval_every=0", f"run.dir={run_dir}"]
     with _tmpfs(run_dir / "checkpoints", size_mb=64) as checkpoints:
         with _started(tmp_path, *args) as proc:
             _wait_until(proc, lambda: 1 in _checkpoints(run_dir), "its step-1 checkpoint")

@@ -23,6 +23,13 @@ def returns_none(completion: str, ground_truth, **fields) -> None:
     return None
 
 
+def sleeps(completion: str, ground_truth, **fields) -> float:
+    """Always 0 after 50 ms: paces a tiny model's steps (a few ms each otherwise), so that a fault injected
+    after step k lands in step k + 1, as it would in a real run."""
+    time.sleep(0.05)
+    return 0.0
+
+
 def huge(completion: str, ground_truth, **fields) -> float:
     """Finite, and so are its group-centred advantages (Dr.GRPO: R - group mean, no std division), but the
     gradient of a loss scaled by +-3e37 overflows float32 (max ~3.4e38): an update the learner must skip."""
