@@ -13,7 +13,7 @@ from test_quickstart_e2e import _command, _env
 
 pytestmark = pytest.mark.integration
 
-# (overrides, the key the message must name): the seven values first, then others of every group.
+# (overrides, the key the message must name): the seven values, then two silent failures it lists.
 CASES = [
     (["algorithm.clip_low=1.5"], "algorithm.clip_low"),
     (["algorithm.kl_estimator=k9"], "algorithm.kl_estimator"),
@@ -27,17 +27,15 @@ CASES = [
     ),
     (["rollout.n=1"], "rollout.n"),
     (["learner.grad_clip=-1"], "learner.grad_clip"),
-    (["+algorithm.advantage_params.temperature=2"], "algorithm.advantage_params"),
-    (["reward.timeout_s=0"], "reward.timeout_s"),
-    (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite"),
 ]
+# Every other key's invalid values go through the same validation in-process: tests/unit/test_validation_table.py
 
 
 @pytest.mark.parametrize("overrides,key", CASES, ids=[key for _, key in CASES])
 def test_bad_value_is_a_config_error_before_ray(tmp_path, overrides, key):
     ray_dir = tmp_path / "ray"
     env = {**_env(), "RAY_TMPDIR": str(ray_dir)}
-    command = _command(tmp_path, f"run.dir={tmp_path / 'run'}", *overrides)
+    command = _command(tmp_path, f"run.dir={tmp_path / 'run'}", *overrides, cache_dir=tmp_path / "cache")
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -19,7 +19,7 @@ def test_quickstart_trains_with_deepspeed_on_two_ranks_and_resumes(tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "trainer.steps=3")
+    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "trainer.steps=3", cache_dir=tmp_path / "cache")
     assert "held-out pass@1 (greedy) before RL" in proc.stdout and "after RL" in proc.stdout
     records = _metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
@@ -37,7 +37,15 @@ def test_quickstart_trains_with_deepspeed_on_two_ranks_and_resumes(tmp_path):
     assert any(not torch.equal(policy[name], base[name]) for name in base), "RL steps did not change any parameter"
 
     # A checkpoint of another world size is refused with a message naming both values, before any actor starts.
-    proc = _rltrain(tmp_path, f"run.dir={run_dir}", *RUN, "learner.world_size=1", "trainer.steps=4", check=False)
+    proc = _rltrain(
+        tmp_path,
+        f"run.dir={run_dir}",
+        *RUN,
+        "learner.world_size=1",
+        "trainer.steps=4",
+        check=False,
+        cache_dir=tmp_path / "cache",
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "learner.world_size=2" in proc.stderr and "world_size=1" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
@@ -48,7 +56,9 @@ def test_quickstart_trains_with_deepspeed_on_two_ranks_and_resumes(tmp_path):
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed_dir)
     shutil.rmtree(resumed_dir / "checkpoints" / "step_3")
-    proc = _rltrain(tmp_path, f"run.dir={resumed_dir}", *RUN, "trainer.steps=3", "run.resume=auto")
+    proc = _rltrain(
+        tmp_path, f"run.dir={resumed_dir}", *RUN, "trainer.steps=3", "run.resume=auto", cache_dir=tmp_path / "cache"
+    )
     assert "resumed from" in proc.stdout + proc.stderr and "step_2" in proc.stdout + proc.stderr
     resumed = _metrics(resumed_dir)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]

@@ -109,14 +109,18 @@ def _gcs_server(title: str) -> bool:
 
 
 @contextlib.contextmanager
-def _started(tmp_path: Path, *overrides: str):
+def _started(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None):
     """The CLI running in the background (its own session), output to files; everything it started is killed
     on the way out, whatever the test did."""
     logs = tmp_path / f"logs-{time.monotonic_ns()}"
     logs.mkdir()
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
         proc = subprocess.Popen(
-            _command(tmp_path, *overrides), env=_env(), stdout=out, stderr=err, start_new_session=True
+            _command(tmp_path, *overrides),
+            env={**_env(), **(env or {})},
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
         )
     proc.logs = logs
     try:
@@ -330,7 +334,10 @@ def test_a_full_disk_at_checkpoint_time_names_the_path_and_keeps_the_previous_ch
 # ---- the Ray head --------------------------------------------------------------------------------------------
 def test_ray_head_lost_exits_non_zero_in_bounded_time(tmp_path):
     run_dir = tmp_path / "run"
-    with _started(tmp_path, *FAST, "trainer.steps=200", "trainer.eval_every=0", f"run.dir={run_dir}") as proc:
+    # Ray gives up on a lost head after RAY_gcs_rpc_server_reconnect_timeout_s (rltrain's default 20 s for its
+    # local Ray; a user's value is kept): 5 s here keeps the test short without changing the path taken.
+    env = {"RAY_gcs_rpc_server_reconnect_timeout_s": "5"}
+    with _started(tmp_path, *FAST, "trainer.steps=200", "trainer.eval_every=0", f"run.dir={run_dir}", env=env) as proc:
         _wait_until(proc, lambda: 1 in _logged_steps(run_dir), "step 1")
         os.kill(_find(proc, _gcs_server, "gcs_server"), signal.SIGKILL)
         code, _, stderr = _finished(proc, within_s=180, after="its Ray head (gcs_server) was killed")

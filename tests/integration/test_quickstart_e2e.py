@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -34,9 +37,21 @@ SMALL = [
 ]
 
 
-def _command(tmp_path, *overrides: str) -> list[str]:
-    """The rltrain CLI on the shrunk quickstart, with a model cache under ``tmp_path``."""
-    cache = f"model.cache_dir={tmp_path / 'cache'}"
+# One model cache for the whole pytest session: the tiny model and its SFT warm start are keyed by a hash of
+# their settings, so runs of the same settings share them instead of rebuilding them per test.
+SESSION_CACHE = os.path.join(tempfile.gettempdir(), f"rltrain-test-cache-{os.getpid()}")
+atexit.register(shutil.rmtree, SESSION_CACHE, True)
+# A reward that sleeps 50 ms a call and adds 0: a tiny model's step takes ~1 s instead of a few ms, so a signal
+# sent when step k is seen done lands in step k + 1, as in a real run.
+PACED_REWARD = (
+    f"reward.functions=[{{fn: '{os.path.dirname(__file__)}/data/length_reward.py:score'}}, "
+    f"{{fn: '{os.path.dirname(__file__)}/data/faulty_rewards.py:sleeps'}}]"
+)
+
+
+def _command(tmp_path, *overrides: str, cache_dir=None) -> list[str]:
+    """The rltrain CLI on the shrunk quickstart; models cached in ``cache_dir`` (default: the session's cache)."""
+    cache = f"model.cache_dir={cache_dir or SESSION_CACHE}"
     return [sys.executable, "-m", "rltrain", "--config-name", "quickstart", *SMALL, cache, *overrides]
 
 
@@ -44,8 +59,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
-def _rltrain(tmp_path, *overrides: str, timeout: float = 420, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(tmp_path, *overrides), capture_output=True, text=True, timeout=timeout, env=_env())
+def _rltrain(
+    tmp_path, *overrides: str, timeout: float = 420, check: bool = True, cache_dir=None
+) -> subprocess.CompletedProcess:
+    command = _command(tmp_path, *overrides, cache_dir=cache_dir)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"rltrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -60,7 +78,8 @@ def test_two_rl_steps_change_parameters_and_write_the_run_dir(tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    proc = _rltrain(tmp_path, f"run.dir={run_dir}", "trainer.steps=2", "trainer.save_every=2", "trainer.eval_every=0")
+    args = [f"run.dir={run_dir}", "trainer.steps=2", "trainer.save_every=2", "trainer.eval_every=0"]
+    proc = _rltrain(tmp_path, *args, cache_dir=tmp_path / "cache")  # its own cache: the SFT base is compared
     assert "held-out pass@1 (greedy) before RL" in proc.stdout and "after RL" in proc.stdout
     records = _metrics(run_dir)
     steps = [r["step"] for r in records]
@@ -101,7 +120,7 @@ def test_a_gpu_layout_on_a_cpu_cluster_is_a_clear_error(tmp_path):
 
 def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint_as_if_never_stopped(tmp_path):
     run_dir = tmp_path / "run"
-    args = [f"run.dir={run_dir}", "trainer.steps=6", "trainer.save_every=1", "trainer.eval_every=0"]
+    args = [f"run.dir={run_dir}", "trainer.steps=6", "trainer.save_every=1", "trainer.eval_every=0", PACED_REWARD]
     proc = subprocess.Popen(
         _command(tmp_path, *args),
         env=_env(),
@@ -111,7 +130,7 @@ def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint_as_if_never
     )
     deadline = time.time() + 300
     ckpts = run_dir / "checkpoints"
-    while time.time() < deadline and not (ckpts / "step_2").is_dir():
+    while time.time() < deadline and not (ckpts / "step_2").is_dir() and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -135,7 +154,7 @@ def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint_as_if_never
 
 def test_ctrl_c_ends_in_one_line_whose_resume_command_finishes_the_run(tmp_path):
     run_dir = tmp_path / "run"
-    args = [f"run.dir={run_dir}", "trainer.steps=4", "trainer.save_every=1", "trainer.eval_every=0"]
+    args = [f"run.dir={run_dir}", "trainer.steps=4", "trainer.save_every=1", "trainer.eval_every=0", PACED_REWARD]
     proc = subprocess.Popen(
         _command(tmp_path, *args),
         env=_env(),
