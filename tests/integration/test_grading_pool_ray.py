@@ -5,9 +5,9 @@ re-run, a second death is a RunError; what the dead actor's reward functions lef
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
+from processes import alive, gone
 
 ray = pytest.importorskip("ray")
 
@@ -66,14 +66,6 @@ def _rows(n: int) -> list[dict]:
     return [{"answer": None}] * n
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def test_a_function_over_max_error_frac_raises_its_own_error_at_the_driver(runtime):
     with pytest.raises(RewardFunctionError) as caught:
         runtime.grade(["raise", "raise", "ok"], _rows(3))
@@ -85,14 +77,11 @@ def test_a_function_over_max_error_frac_raises_its_own_error_at_the_driver(runti
 def test_a_dead_reward_actor_is_replaced_and_its_leftovers_killed(runtime, tmp_path):
     assert runtime.grade(["spawn"], _rows(1)).rewards.tolist() == [1.0]
     (leftover,) = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
-    assert _alive(leftover)
+    assert alive(leftover)
     ray.kill(runtime.reward)
     result = runtime.grade(["ok", "ok"], _rows(2))
     assert result.rewards.tolist() == [1.0, 1.0] and result.metrics["reward/worker_replacements"] == 1.0
-    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously
-    while _alive(leftover) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(leftover)
+    assert gone([leftover])
 
 
 def test_a_reward_actor_dying_twice_in_one_call_is_a_run_error(runtime):

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from processes import alive, gone
 
 from rltrain.grading import RewardGrader
 from rltrain.grading.procs import TAG_VARIABLE, descendants, kill_tree
@@ -33,22 +34,6 @@ def spawn(completion, ground_truth, pids):
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
-def _gone(pids: list[int], within_s: float = 10.0) -> bool:
-    """SIGKILL is delivered asynchronously: give the kernel a moment to end the processes."""
-    deadline = time.monotonic() + within_s
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not any(_alive(pid) for pid in pids)
-
-
 def _grader(tmp_path, pids_file):
     path = tmp_path / "spawns.py"
     path.write_text(SPAWNS)
@@ -65,22 +50,22 @@ def test_a_timed_out_call_takes_its_new_session_children_with_it(tmp_path):
     with _grader(tmp_path, pids_file) as grader:
         result = grader.grade(["hang"], [{"answer": None}])
         assert result.metrics["reward/errors/timeout"] == 1.0
-        assert _gone(_pids(pids_file))  # killed with the call, not at close
+        assert gone(_pids(pids_file))  # killed with the call, not at close
 
 
 def test_close_kills_what_returning_calls_left_running(tmp_path):
     pids_file = tmp_path / "pids"
     with _grader(tmp_path, pids_file) as grader:
         assert grader.grade(["child", "orphan"] * 2, [{"answer": None}] * 4).rewards.tolist() == [1.0] * 4
-        assert all(_alive(pid) for pid in _pids(pids_file))  # a call may leave a helper running for later calls
-    assert _gone(_pids(pids_file))
+        assert all(alive(pid) for pid in _pids(pids_file))  # a call may leave a helper running for later calls
+    assert gone(_pids(pids_file))
 
 
 def test_a_crashed_grader_leaves_nothing_behind(tmp_path):
     pids_file = tmp_path / "pids"
     with _grader(tmp_path, pids_file) as grader:
         assert grader.grade(["crash"], [{"answer": None}]).metrics["reward/errors/crash"] == 1.0
-        assert _gone(_pids(pids_file))
+        assert gone(_pids(pids_file))
 
 
 def test_kill_tree_finds_processes_by_parent_chain_and_by_tag():
@@ -97,7 +82,7 @@ def test_kill_tree_finds_processes_by_parent_chain_and_by_tag():
         assert tagged.pid not in descendants(set(), "t-tes")  # a tag matches whole, or as a pool prefix "t-test/"
         kill_tree(parent.pid)
         kill_tree(None, "t-test")
-        assert _gone([parent.pid, tagged.pid, *child])
+        assert gone([parent.pid, tagged.pid, *child])
     finally:
         for process in (tagged, parent):
             process.kill()
