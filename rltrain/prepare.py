@@ -54,10 +54,10 @@ def check_config(cfg: DictConfig) -> str:
 
 def check_grader_options(reward: DictConfig) -> None:
     """The RewardGrader's own option check on ``reward.*``, before its processes start."""
-    from rltrain.grading.grader import _check_options
+    from rltrain.grading.grader import check_options
 
     # its parameters are named after the reward.* keys they check
-    _check_options(**{name: reward[name] for name in inspect.signature(_check_options).parameters})
+    check_options(**{name: reward[name] for name in inspect.signature(check_options).parameters})
 
 
 def encode_prompts(rows: list[dict], tokenizer, cfg: DictConfig) -> tuple[list[dict], list[list[int]]]:

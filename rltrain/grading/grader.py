@@ -57,7 +57,7 @@ class RewardGrader:
         max_error_frac: float = 0.5,
         process_tag: str | None = None,
     ):
-        _check_options(num_workers, timeout_s, memory_mb, on_error, batch_size, max_error_frac)
+        check_options(num_workers, timeout_s, memory_mb, on_error, batch_size, max_error_frac)
         self.specs: list[RewardSpec] = resolve_reward_functions(functions)
         self.on_error = float(on_error)
         self.max_error_frac = float(max_error_frac)
@@ -108,9 +108,11 @@ class RewardGrader:
         self.close()
 
 
-def _check_options(
+def check_options(
     num_workers: int, timeout_s: float, memory_mb: int, on_error: float, batch_size: int, max_error_frac: float
 ) -> None:
+    """The one check of the ``reward.*`` options (RewardGrader and the driver's validation pass call it; its
+    parameter names are the config keys)."""
     for key, value in (("num_workers", num_workers), ("memory_mb", memory_mb), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"reward.{key}={value!r}: a positive integer")
