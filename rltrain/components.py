@@ -123,6 +123,9 @@ def check_components(cfg: DictConfig) -> None:
     _built(lambda: sampling_params(cfg.rollout, evaluation=True), _EVAL_SAMPLING_KEYS, cfg, "rollout")
     _built(lambda: build_loss_fn(cfg), _LOSS_KEYS, cfg, "algorithm")
     check_advantage(cfg)
+    from rltrain.learner.optim import clip_max_norm
+
+    clip_max_norm(cfg.learner.grad_clip)  # the learners' own rule for learner.grad_clip (raises ConfigError)
     if cfg.learner.backend == "deepspeed":
         _built(lambda: deepspeed_settings(cfg), _DEEPSPEED_KEYS, cfg, "learner")
     if cfg.rollout.sampler == "tree":
