@@ -210,6 +210,8 @@ class EvalConfig:
     sets: list[Any] = field(default_factory=lambda: ["heldout"])
     output_dir: str | None = None  # null: run.dir
     engine: str = "auto"  # auto: vllm where installed, else torch | torch | vllm
+    num_workers: int = 1  # 1: one engine in this process; N > 1: N rollout-worker Ray actors share each set
+    wandb: bool = False  # also log the results to a W&B run (tracking.wandb settings) with a summary table
 
 
 @dataclass

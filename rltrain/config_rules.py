@@ -110,4 +110,5 @@ RULES: dict[str, Rule] = {
     "cluster.num_gpus": _NON_NEGATIVE,
     "cluster.omp_threads": _COUNT,
     "cluster.placement_timeout_s": _POSITIVE,
+    "eval.num_workers": _COUNT,
 }

@@ -36,6 +36,9 @@ PROGRESS_KEYS = {
     "rollout/response_len_mean": "len",
 }
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+# The run summary's table of the latest eval metrics, one row per eval/<set>/<metric> key.
+EVAL_TABLE_KEY = "eval/table"
+EVAL_TABLE_COLUMNS = ("set", "metric", "value")
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -149,6 +152,64 @@ def _plain_config(config: Any) -> Any:
     return str(config)
 
 
+def eval_table_rows(metrics: Mapping[str, Any]) -> list[list[Any]]:
+    """``[set, metric, value]`` of every ``eval/<set>/<metric>`` key in ``metrics``, in their order; the set-less
+    ``eval/accuracy``-style keys and missing (None) values are left out."""
+    rows = []
+    for key, value in metrics.items():
+        parts = key.split("/", 2)
+        if len(parts) == 3 and parts[0] == "eval" and value is not None:
+            rows.append([parts[1], parts[2], float(value)])
+    return rows
+
+
+def _wandb_init(options: Mapping[str, Any], mode: str, run_id: str, run_name: str, run_dir: str, config: Any):
+    import wandb
+
+    return wandb.init(
+        project=options.get("project") or "rltrain",
+        entity=options.get("entity"),
+        tags=list(options.get("tags") or []),
+        name=run_name,
+        id=run_id,
+        resume="allow",
+        mode=mode,
+        dir=os.environ.get("WANDB_DIR") or run_dir,
+        config=config,
+    )
+
+
+def _write_eval_table(run: Any, metrics: Mapping[str, Any]) -> None:
+    """Put ``eval_table_rows(metrics)`` into the W&B run's summary as a ``wandb.Table`` (nothing when empty)."""
+    rows = eval_table_rows(metrics)
+    if rows:
+        import wandb
+
+        run.summary[EVAL_TABLE_KEY] = wandb.Table(columns=list(EVAL_TABLE_COLUMNS), data=rows)
+
+
+def log_eval_to_wandb(
+    options: Mapping[str, Any], run_dir: str, run_name: str, config: Any, metrics: Mapping[str, float]
+) -> bool:
+    """One W&B run for one evaluation (``rltrain-eval`` with ``eval.wandb``): ``metrics`` (``eval/<set>/<metric>``)
+    logged at step 0 and their summary table. ``options`` is ``tracking.wandb``. As in training, W&B is a mirror:
+    a failure is warned about and never raised. Returns whether the run was written."""
+    mode = resolve_wandb_mode(options.get("mode", "auto"))
+    if not options.get("enabled", True) or mode == "disabled":
+        return False
+    try:
+        run = _wandb_init(options, mode, uuid.uuid4().hex[:12], run_name, run_dir, _plain_config(config))
+        try:
+            run.log({key: float(value) for key, value in metrics.items()}, step=0)
+            _write_eval_table(run, metrics)
+        finally:
+            run.finish()
+    except Exception as err:  # W&B must never fail an evaluation: eval.json is the record
+        logger.warning("W&B logging of the evaluation failed (%s: %s)", type(err).__name__, err)
+        return False
+    return True
+
+
 class Tracker:
     """Writes one run's tracking outputs; the trainer's only handle on metrics, progress and W&B.
 
@@ -234,19 +295,8 @@ class Tracker:
         if mode == "disabled":
             return
         try:
-            import wandb
-
-            self._wandb_run = wandb.init(
-                project=options.get("project") or "rltrain",
-                entity=options.get("entity"),
-                tags=list(options.get("tags") or []),
-                name=self.run_name,
-                id=self._wandb_run_id(),
-                resume="allow",
-                mode=mode,
-                dir=os.environ.get("WANDB_DIR") or self.run_dir,
-                config=self._config,
-            )
+            run_id = self._wandb_run_id()
+            self._wandb_run = _wandb_init(options, mode, run_id, self.run_name, self.run_dir, self._config)
         except Exception as err:  # W&B must never take the run down: metrics.jsonl is the record
             self._wandb_failed = True
             logger.warning("W&B init failed (%s: %s); continuing with metrics.jsonl only", type(err).__name__, err)
@@ -336,9 +386,14 @@ class Tracker:
         return write_plots(read_metrics(self.metrics_path), self.run_dir)
 
     def _close_wandb(self, exit_code: int) -> None:
+        """Finish the W&B run, with the latest eval metrics of each set as its summary table."""
         run, self._wandb_run = self._wandb_run, None
         if run is None:
             return
+        try:
+            _write_eval_table(run, self._latest)
+        except Exception as err:
+            logger.warning("W&B eval summary table failed (%s: %s)", type(err).__name__, err)
         try:
             run.finish(exit_code=exit_code)
         except Exception as err:

@@ -8,50 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from rltrain.eval.run import Graders, SampleLog, build_job, decoder, evaluate_sets, missing_samples
+from rltrain.eval.engines import generation
+from rltrain.eval.run import (
+    CHUNK_PROMPTS,
+    Graders,
+    SampleLog,
+    build_job,
+    decoder,
+    evaluate_sets,
+    flat_metrics,
+    missing_samples,
+)
 from rltrain.eval.sets import parse_eval_sets
 
 log = logging.getLogger(__name__)
 TABLE_METRICS = ("pass@1", "maj@{n}", "pass@{n}", "avg@{n}", "response_len_mean", "truncated_frac")
-
-
-def resolve_engine(engine: str) -> str:
-    """``auto``: vllm where it is installed, else torch."""
-    if engine == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") is not None else "torch"
-    return engine
-
-
-def make_generator(cfg: DictConfig, model_path: str):
-    """The in-process generation engine of ``eval.engine`` for ``model_path``."""
-    engine = resolve_engine(cfg.eval.engine)
-    log.info("rltrain-eval: %s engine", engine)
-    if engine == "vllm":
-        from rltrain.rollout.vllm_engine import VLLMGenerator
-
-        rc = cfg.rollout
-        return VLLMGenerator(
-            model_path,
-            seed=cfg.run.seed,
-            dtype=cfg.model.dtype,
-            enforce_eager=rc.enforce_eager,
-            tensor_parallel_size=rc.tensor_parallel_size,
-            gpu_memory_utilization=rc.gpu_memory_utilization,
-            block_size=rc.vllm_block_size,
-        )
-    import torch
-
-    from rltrain.rollout.torch_engine import TorchGenerator
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return TorchGenerator.from_pretrained(model_path, dtype=cfg.model.dtype, seed=cfg.run.seed, device=device)
 
 
 def evaluate_model(cfg: DictConfig) -> dict:
@@ -70,14 +47,11 @@ def evaluate_model(cfg: DictConfig) -> dict:
         log.info(
             "rltrain-eval: %d of %d samples to generate (%d already in %s)", todo, total, total - todo, samples.path
         )
-        generator = make_generator(cfg, prep.model_path) if todo else None
-        try:
+        # Each worker gets about CHUNK_PROMPTS prompts per chunk; a kill loses at most the chunk in progress.
+        chunk = CHUNK_PROMPTS * cfg.eval.num_workers
+        with generation(cfg, prep.model_path) if todo else contextlib.nullcontext() as generate:
             with _progress(cfg, todo) as advance:
-                generate = generator.generate if generator is not None else None
-                results = evaluate_sets(jobs, samples, generate, decoder(prep.tokenizer), advance)
-        finally:
-            if generator is not None and hasattr(generator, "close"):
-                generator.close()
+                results = evaluate_sets(jobs, samples, generate, decoder(prep.tokenizer), advance, chunk)
     report = {
         "model": prep.model_path,
         "sets": {
@@ -87,6 +61,11 @@ def evaluate_model(cfg: DictConfig) -> dict:
     }
     atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=2) + "\n")
     print_table(report)
+    if cfg.eval.wandb:
+        from rltrain.tracking import log_eval_to_wandb
+
+        wandb_options = OmegaConf.to_container(cfg.tracking.wandb, resolve=True)
+        log_eval_to_wandb(wandb_options, out_dir, cfg.run.name, cfg, flat_metrics(results))
     return report
 
 

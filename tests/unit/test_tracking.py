@@ -12,8 +12,11 @@ import yaml
 from rltrain import plots
 from rltrain.errors import RunError
 from rltrain.tracking import (
+    EVAL_TABLE_COLUMNS,
     WANDB_ID_FILE,
     Tracker,
+    eval_table_rows,
+    log_eval_to_wandb,
     read_metrics,
     resolve_wandb_mode,
     to_finite_record,
@@ -249,19 +252,51 @@ def test_wandb_failures_never_crash_the_run(tmp_path, monkeypatch, caplog):
     assert steps_in(tmp_path / "flaky" / "metrics.jsonl") == [1, 2]
 
 
-def test_wandb_offline_run_is_written_under_the_run_dir(tmp_path, monkeypatch):
+def _offline_runs(wandb_dir) -> list:
+    return sorted(path for path in wandb_dir.iterdir() if path.name.startswith("offline-run-"))
+
+
+def _summary_table(run_dir) -> dict:
+    """The eval summary table W&B wrote into an offline run's files."""
+    (table,) = (run_dir / "files" / "media" / "table" / "eval").glob("table_summary_*.table.json")
+    return json.loads(table.read_text())
+
+
+def test_wandb_offline_run_is_written_under_the_run_dir_with_the_latest_eval_table(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     tracker = make_tracker(tmp_path, wandb={"enabled": True, "mode": "auto", "project": "rltrain-test"})
     assert tracker.wandb_active
-    tracker.log(1, {"reward/mean": 0.5})
+    tracker.log(0, {"eval/accuracy": 0.1, "eval/gsm8k/pass@1": 0.1, "eval/math500/maj@4": 0.2})
+    tracker.log(1, {"reward/mean": 0.5, "eval/gsm8k/pass@1": 0.3})
     tracker.finish(plots=False)
-    offline_runs = [name for name in os.listdir(tmp_path / "wandb") if name.startswith("offline-run-")]
-    assert len(offline_runs) == 1
-    run_files = os.listdir(tmp_path / "wandb" / offline_runs[0])
-    assert any(name.endswith(".wandb") for name in run_files)
+    (offline_run,) = _offline_runs(tmp_path / "wandb")
+    assert any(path.suffix == ".wandb" for path in offline_run.iterdir())
+    table = _summary_table(offline_run)
+    assert table["columns"] == list(EVAL_TABLE_COLUMNS)
+    assert table["data"] == [["gsm8k", "pass@1", 0.3], ["math500", "maj@4", 0.2]]
+
+
+def test_eval_table_rows_are_the_per_set_eval_keys():
+    metrics = {"eval/accuracy": 0.5, "reward/mean": 1.0, "eval/heldout/pass@2": 0.75, "eval/gsm8k/avg@1": None}
+    assert eval_table_rows(metrics) == [["heldout", "pass@2", 0.75]]
+    assert eval_table_rows({"eval/accuracy": 0.5}) == []
+
+
+def test_an_evaluation_is_logged_to_its_own_offline_wandb_run_with_the_table(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    metrics = {"eval/heldout/pass@1": 0.25, "eval/heldout/maj@1": 0.25}
+    options = {"enabled": True, "mode": "auto", "project": "rltrain-test"}
+    assert log_eval_to_wandb(options, str(tmp_path), "eval", {"eval": {"sets": ["heldout"]}}, metrics)
+    (offline_run,) = _offline_runs(tmp_path / "wandb")
+    assert _summary_table(offline_run)["data"] == [["heldout", "pass@1", 0.25], ["heldout", "maj@1", 0.25]]
+    assert not log_eval_to_wandb({**options, "enabled": False}, str(tmp_path / "off"), "eval", {}, metrics)
+    assert not (tmp_path / "off").exists()
 
 
 def test_a_full_disk_under_metrics_is_a_run_error_naming_the_file(tmp_path):
