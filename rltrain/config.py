@@ -235,7 +235,8 @@ class WandbConfig:
 
 @dataclass
 class TrackingConfig:
-    progress: bool = True
+    progress: bool = True  # a live bar on a terminal; elsewhere (a Slurm log) a plain line every log_every_s
+    log_every_s: float = 30.0  # seconds between plain progress lines when stdout is not a terminal (0: every step)
     plots: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -251,7 +252,7 @@ class ClusterConfig:
     # shares learner rank i's bundle (GPU: vLLM sleeps while the learner trains). Both reserve a Ray
     # placement group up front and fail with the missing resources named if the cluster cannot hold it.
     placement: str = "disaggregated"
-    placement_timeout_s: float = 120.0
+    placement_timeout_s: float = 60.0  # fail fast naming what is missing; raise while a cluster scales up
 
 
 @dataclass

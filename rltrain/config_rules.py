@@ -110,5 +110,6 @@ RULES: dict[str, Rule] = {
     "cluster.num_gpus": _NON_NEGATIVE,
     "cluster.omp_threads": _COUNT,
     "cluster.placement_timeout_s": _POSITIVE,
+    "tracking.log_every_s": _NON_NEGATIVE,
     "eval.num_workers": _COUNT,
 }

@@ -76,6 +76,7 @@ def _run(cfg: DictConfig, run_dir: str, signals: StopSignals, progress: Progress
                 total_steps=cfg.trainer.steps,
                 start_step=resume.step,
                 progress=cfg.tracking.progress,
+                log_every_s=cfg.tracking.log_every_s,
                 wandb=OmegaConf.to_container(cfg.tracking.wandb),
                 run_name=cfg.run.name,
             )

@@ -29,6 +29,7 @@ from rltrain.dist.groups import (
 from rltrain.dist.placement import PlacementPlan, actor_options, gpus_per_actor, plan_placement, release, reserve
 from rltrain.errors import RunError
 from rltrain.learner.base import LossFn
+from rltrain.progress_log import plain_ray_logs
 from rltrain.types import GenRequest, GenResult, RolloutBatch, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def check_learner_checkpoint(cfg: DictConfig, directory: str) -> None:
 class Runtime:
     def __init__(self, cfg: DictConfig, model_path: str, total_optimizer_steps: int):
         cpus_needed = plan_run_placement(cfg, cluster_gpus=0).totals()["CPU"]
+        plain_ray_logs()
         self.owns_ray = start_ray(cfg.cluster.mode, cfg.cluster.address, cfg.cluster.num_cpus, cpus_needed)
         self.cluster_gpus = _cluster_gpus()
         self.placement_group, plan = self._reserve(cfg)
@@ -185,7 +187,8 @@ class Runtime:
                     "there are that many, or lower cluster.num_gpus (0 on CPU)"
                 )
             plan = plan_run_placement(cfg, gpus)
-            return reserve(plan, cfg.cluster.placement_timeout_s), plan
+            local_ray = cfg.cluster.mode == "local"
+            return reserve(plan, cfg.cluster.placement_timeout_s, local_ray=local_ray), plan
         except RuntimeError as err:
             if self.owns_ray:
                 stop_ray()

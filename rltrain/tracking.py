@@ -13,6 +13,7 @@ import logging
 import math
 import netrc
 import os
+import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from urllib.parse import urlparse
 import yaml
 
 from rltrain.fsutil import atomic_write_text, storage_errors
+from rltrain.progress_log import PROGRESS_KEYS, PlainProgress, is_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +30,6 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 WANDB_ID_FILE = ".wandb_run_id"  # keeps a resumed run on the same W&B run
 
-# Shown live next to the progress bar when present in a logged step, in this order.
-PROGRESS_KEYS = {
-    "reward/mean": "reward",
-    "reward/accuracy": "acc",
-    "eval/accuracy": "eval acc",
-    "rollout/response_len_mean": "len",
-}
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # The run summary's table of the latest eval metrics, one row per eval/<set>/<metric> key.
 EVAL_TABLE_KEY = "eval/table"
@@ -229,6 +224,7 @@ class Tracker:
         progress: bool = True,
         wandb: Mapping[str, Any] | None = None,
         run_name: str = "run",
+        log_every_s: float = 30.0,
     ) -> None:
         self.run_dir = os.path.abspath(run_dir)
         self.total_steps = total_steps
@@ -250,7 +246,10 @@ class Tracker:
             self._open_metrics()
         if wandb is not None and wandb.get("enabled", True):
             self._init_wandb(wandb)  # before the progress bar, so W&B's start-up messages print above it
-        self._progress, self._task = self._start_progress() if progress else (None, None)
+        # A terminal gets the live bar; a log file (Slurm, CI) a plain line per step every log_every_s seconds.
+        live = progress and is_terminal(sys.stdout)
+        self._progress, self._task = self._start_progress() if live else (None, None)
+        self._plain = PlainProgress(run_name, total_steps, start_step, log_every_s) if progress and not live else None
 
     @property
     def wandb_active(self) -> bool:
@@ -328,6 +327,8 @@ class Tracker:
         self._latest.update({key: value for key, value in record.items() if key != "step" and value is not None})
         if self._progress is not None:
             self._progress.update(self._task, completed=min(step, self.total_steps), stats=self._progress_stats())
+        if self._plain is not None:
+            self._plain.update(step, self._latest)
 
     def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Log evaluation metrics (keys ``eval/...``) at ``step``; same as ``log``."""

@@ -147,23 +147,44 @@ def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{name}={resources.get(name, 0.0):g}" for name in ("CPU", "GPU"))
 
 
-def shortfall_message(plan: PlacementPlan, timeout_s: float, total: dict[str, float], free: dict[str, float]) -> str:
-    """Why the reservation failed: what the plan needs against what the cluster has, and what to change."""
+def resource_table(needed: dict[str, float], columns: dict[str, dict[str, float]]) -> str:
+    """``needed`` against each of ``columns`` (e.g. the cluster's total and available), one row per resource::
+
+    resource  needed  total  available
+    CPU       4       2      2
+    """
+    header = ["resource", "needed", *columns]
+    rows = [header] + [
+        [name, f"{needed.get(name, 0.0):g}", *(f"{column.get(name, 0.0):g}" for column in columns.values())]
+        for name in ("CPU", "GPU")
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def shortfall_message(
+    plan: PlacementPlan, timeout_s: float, total: dict[str, float], free: dict[str, float], *, local_ray: bool = True
+) -> str:
+    """Why the reservation failed: what the plan needs against what the cluster has, and what to change.
+
+    ``local_ray``: the run started its own Ray, whose logical CPUs ``cluster.num_cpus`` raises; a cluster that
+    was joined is sized by whoever started it, so that hint is left out there.
+    """
     sizes = sorted({_fmt(b) for b in plan.bundles})
+    cpus_hint = "raise cluster.num_cpus, " if local_ray else ""
     return (
-        f"could not reserve the placement group within {timeout_s:g}s: the plan needs {_fmt(plan.totals())} in "
-        f"{len(plan.bundles)} bundles (each bundle on one node; sizes: {'; '.join(sizes)}), the cluster has "
-        f"{_fmt(total)} in total and {_fmt(free)} available. Lower rollout.num_workers or learner.world_size, "
-        f"switch cluster.placement (colocated shares a GPU per learner rank), raise cluster.num_cpus for a local "
-        f"Ray, or raise cluster.placement_timeout_s if the cluster is still scaling up."
+        f"could not reserve the placement group within {timeout_s:g}s ({len(plan.bundles)} bundles, each on one "
+        f"node; sizes: {'; '.join(sizes)}):\n{resource_table(plan.totals(), {'total': total, 'available': free})}\n"
+        f"Lower rollout.num_workers or learner.world_size, switch cluster.placement (colocated shares a GPU per "
+        f"learner rank), {cpus_hint}or raise cluster.placement_timeout_s if the cluster is still scaling up."
     )
 
 
-def reserve(plan: PlacementPlan, timeout_s: float) -> Any:
+def reserve(plan: PlacementPlan, timeout_s: float, *, local_ray: bool = True) -> Any:
     """Create the placement group and wait up to ``timeout_s`` for all its bundles.
 
     A group that is not ready is removed (so it does not hold a partial reservation) and ``RuntimeError``
-    names the shortfall.
+    names the shortfall (``shortfall_message``).
     """
     import ray
     from ray.util import placement_group
@@ -172,7 +193,8 @@ def reserve(plan: PlacementPlan, timeout_s: float) -> Any:
     if pg.wait(timeout_seconds=timeout_s):
         return pg
     release(pg)
-    raise RuntimeError(shortfall_message(plan, timeout_s, ray.cluster_resources(), ray.available_resources()))
+    total, free = ray.cluster_resources(), ray.available_resources()
+    raise RuntimeError(shortfall_message(plan, timeout_s, total, free, local_ray=local_ray))
 
 
 def actor_options(pg: Any, slot: ActorSlot) -> dict[str, Any]:

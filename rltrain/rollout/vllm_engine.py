@@ -39,8 +39,13 @@ _FINISH_REASONS = {
 def _prepare_vllm_process() -> None:
     """Process-wide vLLM settings that must be in place before the first engine is built."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # Per-step INFO lines ("reset prefix cache", engine stats) would fill a batch job's log: WARNING unless the
+    # user asks for more with VLLM_LOGGING_LEVEL (read at vLLM's import; set here too if it was imported before).
+    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     import vllm._custom_ops as vllm_ops
     from vllm.platforms import current_platform
+
+    logging.getLogger("vllm").setLevel(level)
 
     if current_platform.is_cpu():
         # oneDNN repacks linear weights into opaque handles; load_weights then fails or, worse, the layer

@@ -95,7 +95,15 @@ def test_bad_combinations_raise(args, match):
 def test_shortfall_message_names_needs_and_keys():
     plan = plan_placement("colocated", 2, 1, 2, 1)
     message = shortfall_message(plan, 3.0, {"CPU": 4.0}, {"CPU": 2.0})
-    for part in ("CPU=5, GPU=2", "3 bundles", "CPU=2, GPU=1", "CPU=4, GPU=0 in total", "CPU=2, GPU=0 available"):
+    for part in ("3 bundles", "CPU=2, GPU=1", "resource  needed  total  available", "CPU       5       4      2"):
         assert part in message, (part, message)
+    assert message.splitlines()[3].split() == ["GPU", "2", "0", "0"]
     for key in ("rollout.num_workers", "learner.world_size", "cluster.placement", "cluster.num_cpus"):
         assert key in message
+
+
+def test_shortfall_message_of_a_joined_cluster_has_no_local_ray_hint():
+    plan = plan_placement("disaggregated", 1, 0, 1, 0)
+    message = shortfall_message(plan, 60.0, {"CPU": 2.0}, {"CPU": 2.0}, local_ray=False)
+    assert "within 60s" in message and "cluster.num_cpus" not in message
+    assert "learner.world_size" in message and "cluster.placement_timeout_s" in message

@@ -133,6 +133,7 @@ CASES: dict[str, list[str]] = {
     "sft.batch_size": ["sft.batch_size=0"],
     "sft.lr": ["sft.lr=0"],
     "sft.warmup_steps": ["sft.warmup_steps=-1"],
+    "tracking.log_every_s": ["tracking.log_every_s=-1"],
     "tracking.wandb.mode": ["tracking.wandb.mode=loud"],
     "cluster.mode": ["cluster.mode=cloud"],
     "cluster.address": ["cluster.address=10.0.0.1:6379"],  # with cluster.mode=local
