@@ -21,19 +21,17 @@ in the main thread the SymPy work is cut off after ``time_limit_s``; both score 
 
 from __future__ import annotations
 
-import cmath
 import functools
-import itertools
 import logging
 import re
 from collections.abc import Sequence
 from typing import Any
 
-import sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from rewards import _latex_number as latex_number
 from rewards._timebound import TimeUp, refusal_reason, time_limit
+from rewards._unequal import all_far, clearly_unequal
 from rewards.extract import after_answer_phrase, after_last, last_boxed, to_fraction
 
 
@@ -255,7 +253,7 @@ def _box_verdict(golds: tuple[str, ...], content: str, extract: tuple[str, ...],
 
 def _verify(golds: list, prediction: list, options: tuple) -> bool:
     float_rounding, numeric_precision, strict, allow_set_relation_comp = options
-    if _numbers_differ(golds, prediction, float_rounding):
+    if clearly_unequal(golds, prediction, float_rounding, strict):
         return False
     return verify(
         golds,
@@ -268,52 +266,14 @@ def _verify(golds: list, prediction: list, options: tuple) -> bool:
     )
 
 
-def _numeric_values(parsed: list) -> list[complex] | None:
-    """The values of parsed answers that are all constant numbers (``\\frac{14}{3}``, ``2\\sqrt{3}``,
-    ``\\pi/2``), else None (symbols, sets, intervals, tuples, equations, matrices). Math-Verify pairs each
-    SymPy object with its source string; the strings are skipped."""
-    values = []
-    for item in parsed:
-        if isinstance(item, str):
-            continue
-        if not isinstance(item, sympy.Expr) or not item.is_number:
-            return None
-        try:
-            value = complex(item.evalf(30))
-        except (TypeError, ValueError, OverflowError, ZeroDivisionError):
-            return None
-        if not cmath.isfinite(value):
-            return None
-        values.append(value)
-    return values or None
-
-
-def _numbers_differ(golds: list, prediction: list, float_rounding: int) -> bool:
-    """True when every gold and every predicted answer is a constant number and no pair is close: Math-Verify
-    would reject them too, after a SymPy ``simplify`` that costs ~30 ms. Close: within ``10**-float_rounding``
-    or a relative 1e-6 (so 0.333333 against 1/3 still goes to Math-Verify), or a factor 100 (percentages)."""
-    return _all_far(_numeric_values(golds), _numeric_values(prediction), float_rounding)
-
-
-def _all_far(gold_values: list | None, predicted_values: list | None, float_rounding: int) -> bool:
-    """True when both lists hold values and no (gold, predicted) pair is close (see ``_numbers_differ``)."""
-    if not gold_values or not predicted_values:
-        return False
-    for gold, predicted in itertools.product(gold_values, predicted_values):
-        tolerance = max(10.0**-float_rounding, 1e-6 * max(abs(gold), abs(predicted)))
-        if abs(gold - predicted) <= tolerance or abs(gold * 100 - predicted) <= tolerance:
-            return False
-    return True
-
-
 def _constants_differ(box: str, golds: list[str], float_rounding: int) -> bool:
-    """``_numbers_differ`` before any parsing, when the box and every gold are constant LaTeX numbers that
+    """``clearly_unequal`` before any parsing, when the box and every gold are constant LaTeX numbers that
     ``rewards._latex_number`` reads (``\\frac{14}{3}`` against ``3\\sqrt{13}``): saves two LaTeX parses."""
     predicted = latex_number.value(normalize(box))
     if predicted is None:
         return False
     gold_values = [latex_number.value(normalize(gold)) for gold in golds]
-    return None not in gold_values and _all_far(gold_values, [predicted], float_rounding)
+    return None not in gold_values and all_far(gold_values, [predicted], float_rounding)
 
 
 def _plain_number(text: str) -> tuple | None:
