@@ -1,7 +1,11 @@
-"""Process checks shared by the grader-process tests (unit and integration): is a pid still running?"""
+"""Process checks shared by the tests (unit and integration): is a pid still running, which processes belong to a
+session (a run started with ``start_new_session``)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 
 
@@ -20,3 +24,31 @@ def gone(pids: list[int], within_s: float = 10.0) -> bool:
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     return not any(alive(pid) for pid in pids)
+
+
+def processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, session id) of every process now running, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the name in () may hold spaces
+            found.append((int(entry), int(fields[1]), int(fields[3])))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def session(sid: int) -> list[int]:
+    """Every process of session ``sid``. Ray actors run in process groups of their own but stay in the session of
+    the process that started Ray, also when their raylet died and they were re-parented."""
+    return [pid for pid, _, session_id in processes() if session_id == sid]
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (what a test started with ``start_new_session``)."""
+    for pid in session(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

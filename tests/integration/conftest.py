@@ -32,3 +32,14 @@ def pytest_runtest_makereport(item, call):
     if _STRICT and report.skipped and "gpu" not in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"skipped under RLTRAIN_REQUIRE_BACKENDS=1 (integration tests must run): {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> dict[int, dict]:
+    """step -> metrics of the RESUMABLE run (test_quickstart_e2e) never stopped: the reference of every test that
+    stops such a run (Ctrl-C, SIGKILL, SIGTERM, a dead learner) and resumes it. One run for the session."""
+    from test_quickstart_e2e import RESUMABLE, _metrics, _rltrain
+
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    _rltrain(tmp_path, *RESUMABLE, f"run.dir={tmp_path / 'run'}")
+    return {record["step"]: record for record in _metrics(tmp_path / "run")}

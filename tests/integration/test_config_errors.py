@@ -35,7 +35,7 @@ CASES = [
 def test_bad_value_is_a_config_error_before_ray(tmp_path, overrides, key):
     ray_dir = tmp_path / "ray"
     env = {**_env(), "RAY_TMPDIR": str(ray_dir)}
-    command = _command(tmp_path, f"run.dir={tmp_path / 'run'}", *overrides, cache_dir=tmp_path / "cache")
+    command = _command(tmp_path, f"run.dir={tmp_path / 'run'}", *overrides, cache_dir=tmp_path / "cache", own_ray=True)
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -45,6 +45,7 @@ def test_quickstart_trains_with_deepspeed_on_two_ranks_and_resumes(tmp_path):
         "trainer.steps=4",
         check=False,
         cache_dir=tmp_path / "cache",
+        own_ray=True,  # a local Ray would announce itself: it must not start
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "learner.world_size=2" in proc.stderr and "world_size=1" in proc.stderr

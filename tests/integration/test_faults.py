@@ -1,4 +1,5 @@
-"""Fault injection through the real CLI on its own local Ray: each fault of docs/reliability.md and its outcome.
+"""Fault injection through the real CLI: each fault of docs/reliability.md and its outcome. Runs whose fault is
+injected into the run's own actors or Ray head start a local Ray below the run; the others join the session's head.
 
 Faults are injected by real means: actor processes killed by pid (found by their Ray process title among the
 run's descendants), reward functions that raise, hang or return NaN / None / overflowing values
@@ -18,17 +19,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_quickstart_e2e import _command, _env, _metrics, _rltrain
+from processes import kill_session, processes
+from test_quickstart_e2e import (
+    FAST,
+    PACED_REWARD,
+    RESUMABLE,
+    RESUMED_STEPS,
+    _assert_same_numbers,
+    _command,
+    _env,
+    _metrics,
+    _rltrain,
+)
 
 pytestmark = pytest.mark.integration
 
 FAULTY = os.path.join(os.path.dirname(__file__), "data", "faulty_rewards.py")
 LENGTH = os.path.join(os.path.dirname(__file__), "data", "length_reward.py")
-# One rollout worker and a 4-prompt held-out set: the faults concern the run, not the rollout or its evaluation.
-FAST = ["rollout.num_workers=1", "data.num_eval=4"]
-STEPS = 5
-
-COMPARED = ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean")
 SAMPLES_PER_STEP = 16  # SMALL (test_quickstart_e2e): 4 prompts x 4 samples
 
 
@@ -38,33 +45,11 @@ def _reward_functions(*names: str, length_first: bool = True) -> str:
     return f"reward.functions=[{', '.join(entries)}]"
 
 
-# The length reward plus one that sleeps 50 ms a call: a step takes ~1 s instead of a few ms, so a fault injected
-# when step k is seen done lands in step k + 1 (the paced reward adds 0 to every reward: the numbers are the same).
-PACED = _reward_functions("sleeps")
-# A run that checkpoints every step; the uninterrupted run of these settings is the reference for resumes.
-RESUMABLE = [*FAST, PACED, f"trainer.steps={STEPS}", "trainer.save_every=1", "trainer.eval_every=0"]
-
-
 # ---- the run as a process tree -------------------------------------------------------------------------------
-def _processes() -> list[tuple[int, int, int]]:
-    """(pid, parent pid, session id) of every process now running, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # the name in () may hold spaces
-            found.append((int(entry), int(fields[1]), int(fields[3])))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid``: the run's Ray head (gcs_server, raylet) and, below the raylet, its actors."""
     children: dict[int, list[int]] = {}
-    for child, parent, _ in _processes():
+    for child, parent, _ in processes():
         children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
@@ -72,12 +57,6 @@ def _descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-def _session(sid: int) -> list[int]:
-    """Every process of session ``sid``. Ray actors run in process groups of their own but stay in the session of
-    the run that started them, also when their raylet died and they were re-parented."""
-    return [pid for pid, _, session in _processes() if session == sid]
 
 
 def _title(pid: int) -> str:
@@ -109,14 +88,15 @@ def _gcs_server(title: str) -> bool:
 
 
 @contextlib.contextmanager
-def _started(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None):
+def _started(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None, own_ray: bool = False):
     """The CLI running in the background (its own session), output to files; everything it started is killed
-    on the way out, whatever the test did."""
+    on the way out, whatever the test did. ``own_ray``: a local Ray below the run, for tests that find the run's
+    actors or Ray head among its descendants (otherwise the run joins the session's Ray head)."""
     logs = tmp_path / f"logs-{time.monotonic_ns()}"
     logs.mkdir()
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
         proc = subprocess.Popen(
-            _command(tmp_path, *overrides),
+            _command(tmp_path, *overrides, own_ray=own_ray),
             env={**_env(), **(env or {})},
             stdout=out,
             stderr=err,
@@ -126,9 +106,7 @@ def _started(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None)
     try:
         yield proc
     finally:
-        for pid in _session(proc.pid):  # the run leads its own session (start_new_session)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_session(proc.pid)  # the run leads its own session (start_new_session)
         proc.wait()
 
 
@@ -173,24 +151,6 @@ def _checkpoints(run_dir: Path) -> list[int]:
     )
 
 
-def _assert_same_numbers(run_dir: Path, reference: dict[int, dict]) -> None:
-    """Every step of ``run_dir`` equals the uninterrupted run's (same threads, CPU, fp32: deterministic)."""
-    records = [record for record in _metrics(run_dir) if record["step"] > 0]
-    steps = [record["step"] for record in records]
-    assert steps == sorted(set(steps)) and steps[-1] == max(reference), steps
-    for record in records:
-        for key in COMPARED:
-            assert abs(record[key] - reference[record["step"]][key]) <= 1e-6, (record["step"], key)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[int, dict]:
-    """step -> metrics of the RESUMABLE run, never stopped."""
-    tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    _rltrain(tmp_path, *RESUMABLE, f"run.dir={tmp_path / 'run'}")
-    return {record["step"]: record for record in _metrics(tmp_path / "run")}
-
-
 def _error_line(stderr: str) -> str:
     """The one line the CLI prints for a RunError."""
     lines = [line for line in stderr.splitlines() if line.startswith("rltrain: error:")]
@@ -213,14 +173,14 @@ def test_sigterm_then_a_dead_learner_then_resume_give_the_uninterrupted_runs_num
     saved = _checkpoints(run_dir)
     assert len(saved) == 1 and 1 <= saved[0] <= 2 and _logged_steps(run_dir)[-1] == saved[0], saved
 
-    with _started(tmp_path, *RESUMABLE, f"run.dir={run_dir}") as proc:  # run.resume=auto is the default
+    with _started(tmp_path, *RESUMABLE, f"run.dir={run_dir}", own_ray=True) as proc:  # run.resume=auto: default
         learner = _find(proc, _actor("LearnerWorker"), "learner actor")
         _wait_until(proc, lambda: saved[0] + 1 in _checkpoints(run_dir), "its first checkpoint after the resume")
         os.kill(learner, signal.SIGKILL)
         code, _, stderr = _finished(proc, within_s=60, after="its learner actor was killed")
     assert code == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "learner" in _error_line(stderr) and "died" in _error_line(stderr)
-    assert _checkpoints(run_dir)[-1] < STEPS
+    assert _checkpoints(run_dir)[-1] < RESUMED_STEPS
 
     _rltrain(tmp_path, *RESUMABLE, f"run.dir={run_dir}")
     _assert_same_numbers(run_dir, uninterrupted)
@@ -238,7 +198,8 @@ def test_failing_reward_functions_and_a_killed_reward_actor_cost_on_error_and_th
         "reward.num_workers=2",
         "reward.max_error_frac=1.0",  # never stop: this test is about going on
     ]
-    with _started(tmp_path, *FAST, *faulty, "trainer.steps=3", "trainer.eval_every=0", f"run.dir={run_dir}") as proc:
+    args = [*FAST, *faulty, "trainer.steps=3", "trainer.eval_every=0", f"run.dir={run_dir}"]
+    with _started(tmp_path, *args, own_ray=True) as proc:
         _wait_until(proc, lambda: 1 in _logged_steps(run_dir), "step 1")
         os.kill(_find(proc, _actor("RewardWorker"), "reward actor"), signal.SIGKILL)
         code, _, stderr = _finished(proc, within_s=300, after="its reward actor was killed")
@@ -317,9 +278,9 @@ def test_a_full_disk_at_checkpoint_time_names_the_path_and_keeps_the_previous_ch
     from rltrain.checkpoint import load_trainer_state
 
     run_dir = tmp_path / "run"
-    args = [*FAST, PACED, "trainer.steps=3", "trainer.save_every=1", "trainer.eval_every=0", f"run.dir={run_dir}"]
+    args = [*FAST, PACED_REWARD, "trainer.steps=3", "trainer.save_every=1", "trainer.eval_every=0"]
     with _tmpfs(run_dir / "checkpoints", size_mb=64) as checkpoints:
-        with _started(tmp_path, *args) as proc:
+        with _started(tmp_path, *args, f"run.dir={run_dir}") as proc:
             _wait_until(proc, lambda: 1 in _checkpoints(run_dir), "its step-1 checkpoint")
             _fill(checkpoints)
             code, _, stderr = _finished(proc, within_s=120, after="its checkpoint filesystem filled up")
@@ -337,7 +298,8 @@ def test_ray_head_lost_exits_non_zero_in_bounded_time(tmp_path):
     # Ray gives up on a lost head after RAY_gcs_rpc_server_reconnect_timeout_s (rltrain's default 20 s for its
     # local Ray; a user's value is kept): 5 s here keeps the test short without changing the path taken.
     env = {"RAY_gcs_rpc_server_reconnect_timeout_s": "5"}
-    with _started(tmp_path, *FAST, "trainer.steps=200", "trainer.eval_every=0", f"run.dir={run_dir}", env=env) as proc:
+    args = [*FAST, "trainer.steps=200", "trainer.eval_every=0", f"run.dir={run_dir}"]
+    with _started(tmp_path, *args, env=env, own_ray=True) as proc:
         _wait_until(proc, lambda: 1 in _logged_steps(run_dir), "step 1")
         os.kill(_find(proc, _gcs_server, "gcs_server"), signal.SIGKILL)
         code, _, stderr = _finished(proc, within_s=180, after="its Ray head (gcs_server) was killed")

@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from ray_head import shared_ray_address
 
 pytestmark = pytest.mark.integration
 
@@ -48,11 +49,21 @@ PACED_REWARD = (
     f"{{fn: '{os.path.dirname(__file__)}/data/faulty_rewards.py:sleeps'}}]"
 )
 
+# One rollout worker and a 4-prompt held-out set: for runs about the run's control flow, not rollout or evaluation.
+FAST = ["rollout.num_workers=1", "data.num_eval=4"]
+RESUMED_STEPS = 5
+# A paced run that checkpoints every step. The same run never stopped (the ``uninterrupted`` fixture, conftest.py)
+# is the reference of every stopped-and-resumed run of these settings.
+RESUMABLE = [*FAST, PACED_REWARD, f"trainer.steps={RESUMED_STEPS}", "trainer.save_every=1", "trainer.eval_every=0"]
+COMPARED = ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean")
 
-def _command(tmp_path, *overrides: str, cache_dir=None) -> list[str]:
-    """The rltrain CLI on the shrunk quickstart; models cached in ``cache_dir`` (default: the session's cache)."""
+
+def _command(tmp_path, *overrides: str, cache_dir=None, own_ray: bool = False) -> list[str]:
+    """The rltrain CLI on the shrunk quickstart; models cached in ``cache_dir`` (default: the session's cache). The
+    run joins the session's Ray head (ray_head.py) unless ``own_ray``: then it starts a local Ray of its own."""
     cache = f"model.cache_dir={cache_dir or SESSION_CACHE}"
-    return [sys.executable, "-m", "rltrain", "--config-name", "quickstart", *SMALL, cache, *overrides]
+    cluster = [] if own_ray else ["cluster.mode=address", f"cluster.address={shared_ray_address()}"]
+    return [sys.executable, "-m", "rltrain", "--config-name", "quickstart", *SMALL, cache, *cluster, *overrides]
 
 
 def _env() -> dict[str, str]:
@@ -60,9 +71,9 @@ def _env() -> dict[str, str]:
 
 
 def _rltrain(
-    tmp_path, *overrides: str, timeout: float = 420, check: bool = True, cache_dir=None
+    tmp_path, *overrides: str, timeout: float = 420, check: bool = True, cache_dir=None, own_ray: bool = False
 ) -> subprocess.CompletedProcess:
-    command = _command(tmp_path, *overrides, cache_dir=cache_dir)
+    command = _command(tmp_path, *overrides, cache_dir=cache_dir, own_ray=own_ray)
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"rltrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -72,6 +83,16 @@ def _rltrain(
 def _metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _assert_same_numbers(run_dir, reference: dict[int, dict]) -> None:
+    """Every step of ``run_dir`` equals the uninterrupted run's, each step logged once."""
+    records = [record for record in _metrics(run_dir) if record["step"] > 0]
+    steps = [record["step"] for record in records]
+    assert steps == sorted(set(steps)) and steps[-1] == max(reference), steps
+    for record in records:
+        for key in COMPARED:
+            assert abs(record[key] - reference[record["step"]][key]) <= 1e-6, (record["step"], key)
 
 
 def test_two_rl_steps_change_parameters_and_write_the_run_dir(tmp_path):
@@ -101,60 +122,31 @@ def test_two_rl_steps_change_parameters_and_write_the_run_dir(tmp_path):
 
 def test_bad_config_fails_fast_before_ray(tmp_path):
     start = time.time()
-    proc = _rltrain(tmp_path, "trainer.nonexistent=1", check=False)
+    proc = _rltrain(tmp_path, "trainer.nonexistent=1", check=False, own_ray=True)
     assert proc.returncode != 0 and "nonexistent" in proc.stderr
-    proc = _rltrain(tmp_path, "data.task=jsonl", "data.path=/no/such/file", check=False)
+    proc = _rltrain(tmp_path, "data.task=jsonl", "data.path=/no/such/file", check=False, own_ray=True)
     assert proc.returncode == 2 and "data.path" in proc.stderr and "/no/such/file" in proc.stderr
-    proc = _rltrain(tmp_path, "data.path=/no/such/file", check=False)
+    proc = _rltrain(tmp_path, "data.path=/no/such/file", check=False, own_ray=True)
     assert proc.returncode == 2 and "data.path" in proc.stderr
     assert "ray" not in (proc.stdout + proc.stderr).lower().replace("array", "")
     assert time.time() - start < 60
 
 
 def test_a_gpu_layout_on_a_cpu_cluster_is_a_clear_error(tmp_path):
-    proc = _rltrain(tmp_path, "cluster.num_gpus=1", "trainer.steps=1", check=False)
+    proc = _rltrain(tmp_path, "cluster.num_gpus=1", "trainer.steps=1", check=False, own_ray=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cluster.num_gpus=1" in proc.stderr and "0 GPUs" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_sigkill_then_resume_auto_continues_from_the_last_checkpoint_as_if_never_stopped(tmp_path):
+def test_ctrl_c_then_its_resume_command_then_sigkill_then_resume_give_the_uninterrupted_runs_numbers(
+    tmp_path, uninterrupted
+):
+    """Ctrl-C ends the run in one line whose resume command continues it; that run, SIGKILLed once it saved its
+    next checkpoint, resumes with run.resume=auto; every step equals the uninterrupted run's (rollout seeds follow
+    the checkpointed prompt-stream position; same threads, CPU, fp32: deterministic)."""
     run_dir = tmp_path / "run"
-    args = [f"run.dir={run_dir}", "trainer.steps=6", "trainer.save_every=1", "trainer.eval_every=0", PACED_REWARD]
-    proc = subprocess.Popen(
-        _command(tmp_path, *args),
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    ckpts = run_dir / "checkpoints"
-    while time.time() < deadline and not (ckpts / "step_2").is_dir() and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert (ckpts / "step_2").is_dir(), "the run never reached its second checkpoint"
-    _rltrain(tmp_path, *args, "run.resume=auto")
-    records = _metrics(run_dir)
-    steps = [r["step"] for r in records]
-    assert steps == sorted(set(steps)) and steps[-1] == 6, steps
-    assert sorted(os.listdir(ckpts)) == ["step_5", "step_6"]  # keep_checkpoints=2, no tmp leftovers
-    for name in os.listdir(ckpts):
-        assert os.path.isfile(ckpts / name / "COMPLETE")
-    # Rollout seeds follow the checkpointed prompt-stream position: every step, before and after the
-    # kill, equals the uninterrupted run's (same threads, CPU, fp32: deterministic).
-    straight_dir = tmp_path / "straight"
-    _rltrain(tmp_path, *args[1:], f"run.dir={straight_dir}")
-    straight = {r["step"]: r for r in _metrics(straight_dir)}
-    for record in records[1:]:
-        for key in ("loss/total", "reward/mean", "perf/grad_norm", "rollout/response_len_mean"):
-            assert abs(record[key] - straight[record["step"]][key]) <= 1e-6, (record["step"], key)
-
-
-def test_ctrl_c_ends_in_one_line_whose_resume_command_finishes_the_run(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [f"run.dir={run_dir}", "trainer.steps=4", "trainer.save_every=1", "trainer.eval_every=0", PACED_REWARD]
+    args = [*RESUMABLE, f"run.dir={run_dir}"]
     proc = subprocess.Popen(
         _command(tmp_path, *args),
         env=_env(),
@@ -163,9 +155,8 @@ def test_ctrl_c_ends_in_one_line_whose_resume_command_finishes_the_run(tmp_path)
         text=True,
         start_new_session=True,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / "checkpoints" / "step_1").is_dir() and proc.poll() is None:
-        time.sleep(0.2)
+    ckpts = run_dir / "checkpoints"
+    _poll_until(lambda: (ckpts / "step_1").is_dir() or proc.poll() is not None)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground process group
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
@@ -178,10 +169,31 @@ def test_ctrl_c_ends_in_one_line_whose_resume_command_finishes_the_run(tmp_path)
         lines[0],
     )
     assert found, lines[0]
-    assert found.group(2) == str(run_dir / "checkpoints" / f"step_{found.group(3)}")
+    interrupted = int(found.group(3))
+    assert found.group(2) == str(ckpts / f"step_{interrupted}") and interrupted < RESUMED_STEPS - 1, lines[0]
     command = shlex.split(found.group(4))
     assert command[-2:] == [f"run.dir={run_dir}", "run.resume=auto"]
-    resumed = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=420, env=_env())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    steps = [r["step"] for r in _metrics(run_dir)]
-    assert steps == sorted(set(steps)) and steps[-1] == 4, steps
+
+    resumed = subprocess.Popen(
+        [sys.executable, "-m", *command],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _poll_until(lambda: (ckpts / f"step_{interrupted + 1}").is_dir() or resumed.poll() is not None)
+    os.killpg(resumed.pid, signal.SIGKILL)
+    resumed.wait()
+    assert (ckpts / f"step_{interrupted + 1}").is_dir(), "the resumed run never reached its first checkpoint"
+
+    _rltrain(tmp_path, *args, "run.resume=auto")
+    assert sorted(os.listdir(ckpts)) == [f"step_{RESUMED_STEPS - 1}", f"step_{RESUMED_STEPS}"]  # keep 2, no tmp
+    for name in os.listdir(ckpts):
+        assert os.path.isfile(ckpts / name / "COMPLETE")
+    _assert_same_numbers(run_dir, uninterrupted)
+
+
+def _poll_until(done, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not done():
+        time.sleep(0.1)
