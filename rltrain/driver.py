@@ -7,15 +7,17 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rltrain.prepare import Prepared, prepare
 from rltrain.run_control import EXIT_INTERRUPTED, RunDirLock, RunStopped, StopSignals
-from rltrain.runtime import Runtime, check_learner_checkpoint
-from rltrain.trainer import Trainer
+
+if TYPE_CHECKING:
+    from rltrain.runtime import Runtime
+    from rltrain.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def _run(cfg: DictConfig, run_dir: str, signals: StopSignals, progress: Progress) -> dict[str, float]:
-    from rltrain.tracking import Tracker
-
     torch.manual_seed(cfg.run.seed)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     prep = prepare(cfg)
+    # Imported after prepare()'s validation pass: a config error exits before transformers and Ray are loaded.
+    from rltrain.runtime import Runtime
+    from rltrain.tracking import Tracker
+    from rltrain.trainer import Trainer
+
     with RunDirLock(run_dir):
         resume = resume_point(cfg, prep, run_dir)  # every check on the checkpoint runs before Ray starts
         progress.step = resume.step
@@ -106,6 +111,7 @@ def run_fingerprint(cfg: DictConfig, prep: Prepared) -> dict[str, str]:
 def resume_point(cfg: DictConfig, prep: Prepared, run_dir: str) -> ResumePoint:
     """Resolve ``run.resume`` to a verified checkpoint that fits ``cfg`` (ConfigError naming what does not)."""
     from rltrain.checkpoint import check_fingerprint, load_trainer_state, resolve_resume
+    from rltrain.runtime import check_learner_checkpoint
 
     checkpoint = resolve_resume(run_dir, cfg.run.resume)
     if checkpoint is None:

@@ -124,11 +124,12 @@ def warm_start(cfg: DictConfig, base_path: str, train_rows: list[dict]) -> str:
 
 
 def prepare(cfg: DictConfig, *, with_sft: bool = True) -> Prepared:
+    primary_reward = check_config(cfg)
+    # Imported after the validation pass: a config error exits before transformers is loaded (seconds).
     from rltrain.data import load_task_data
     from rltrain.data.prompts import task_corpus
     from rltrain.models import load_tokenizer, resolve_model
 
-    primary_reward = check_config(cfg)
     train_rows, eval_rows = load_task_data(cfg.data)
     base_path = resolve_model(
         cfg.model.path,
