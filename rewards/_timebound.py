@@ -13,6 +13,7 @@ Two layers, both process-free:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import signal
@@ -32,6 +33,7 @@ _DIGIT_RUN_RE = re.compile(rf"\d{{{MAX_DIGITS + 1},}}")
 # Python's "2**(10**10)" is read with "**" as "^"
 _NUMERIC_POWER_RE = re.compile(r"(\d+(?:\.\d+)?)?\s*\^\s*(\{[-\d\s^{}()]*\}|\([-\d\s^{}()]*\)|-?\d+(?:\s*\^\s*-?\d+)*)")
 _FACTORIAL_RE = re.compile(r"(\d+)\s*!")
+_EXPONENT_CHARS_RE = re.compile(r"[\^{}]")
 
 
 class TimeUp(BaseException):  # noqa: N818 - BaseException: Math-Verify's "except Exception" must not swallow it
@@ -40,22 +42,34 @@ class TimeUp(BaseException):  # noqa: N818 - BaseException: Math-Verify's "excep
 
 def _max_nesting(text: str, opening: str = "{[(", closing: str = "}])") -> int:
     depth = deepest = 0
-    for char in text:
-        if char in opening:
+    for match in _bracket_re(opening + closing).finditer(text):  # only the brackets: the scan stays in C
+        if match.group() in opening:
             depth += 1
             deepest = max(deepest, depth)
-        elif char in closing:
+        else:
             depth = max(depth - 1, 0)
     return deepest
 
 
+@functools.lru_cache(maxsize=4)
+def _bracket_re(brackets: str) -> re.Pattern:
+    return re.compile("[" + re.escape(brackets) + "]")
+
+
 def _exponent_depth(text: str) -> int:
-    """Deepest nesting of ``^`` inside exponents (``a^b`` is 1, ``a^{b^c}`` is 2); one pass over the text."""
+    """Deepest nesting of ``^`` inside exponents (``a^b`` is 1, ``a^{b^c}`` is 2); one pass over the text's
+    ``^``, ``{`` and ``}`` (the text between them only matters for whether it is blank)."""
     deepest = 0
     open_exponents: list[int] = []  # brace depths at which an exponent group opened
     depth = 0
     pending = False  # a "^" was just read: the next atom is its exponent
-    for char in text:
+    previous_end = 0
+    for match in _EXPONENT_CHARS_RE.finditer(text):
+        gap = text[previous_end : match.start()]
+        if gap and not gap.isspace():
+            pending = False  # another atom came between the "^" and this character
+        previous_end = match.end()
+        char = match.group()
         if char == "^":
             deepest = max(deepest, len(open_exponents) + 1)
             pending = True
@@ -64,12 +78,10 @@ def _exponent_depth(text: str) -> int:
             if pending:
                 open_exponents.append(depth)
             pending = False
-        elif char == "}":
+        else:
             if open_exponents and open_exponents[-1] == depth:
                 open_exponents.pop()
             depth = max(depth - 1, 0)
-        elif not char.isspace():
-            pending = False
     return deepest
 
 

@@ -5,9 +5,11 @@ they are numerically equal, or when ``simplify(gold - prediction)`` is zero; a r
 ``simplify`` (~20-250 ms for an expression with symbols, e.g. an equation picked out of an unfinished
 solution). Two values that differ clearly at one point cannot pass any of those tests, so the pair is
 rejected here after evaluating both sides: constants as they are, expressions with symbols at one fixed point
-(every symbol a distinct positive non-integer). Only what is sure to reach those value tests is judged here:
-Math-Verify's own unwrapping of equations is applied first, and anything it compares another way (symbols by
-name, sets, intervals, tuples, matrices, relations, unevaluated sums, integrals or functions) is left to it.
+(every symbol a distinct positive non-integer). Likewise a number against an interval of positive length
+(Math-Verify compares them as sets, ~10-30 ms for the symmetric difference). Only what is sure to reach those
+tests is judged here: Math-Verify's own unwrapping of equations is applied first, and anything it compares
+another way (symbols by name, finite sets, tuples, matrices, relations, unevaluated sums, integrals or
+functions) is left to it.
 """
 
 from __future__ import annotations
@@ -67,18 +69,21 @@ def clearly_unequal(golds: list, prediction: list, float_rounding: int, strict: 
             if isinstance(gold, str) and isinstance(predicted, str) and gold.strip() == predicted.strip():
                 return False
             continue
-        if not _pair_far(gold, predicted, float_rounding, strict):
+        if not _pair_unequal(gold, predicted, float_rounding, strict):
             return False
     return True
 
 
-def _pair_far(gold: Any, predicted: Any, float_rounding: int, strict: bool) -> bool:
+def _pair_unequal(gold: Any, predicted: Any, float_rounding: int, strict: bool) -> bool:
     """Math-Verify's unwrapping (an equation answers a non-equation gold by its last right-hand side; an
-    assignment gold ``x = 5`` is its right-hand side against a non-equation), then values at the point."""
+    assignment gold ``x = 5`` is its right-hand side against a non-equation), then: a number against an
+    interval of positive length (Math-Verify compares them as sets), or values at the point."""
     if is_equation(predicted) and not is_equation(gold):
         predicted = take_last_relation(predicted).rhs
     elif is_assignment_relation(gold) and not is_equation(predicted):
         gold = take_last_relation(gold).rhs
+    if (_is_constant(gold) and _has_length(predicted)) or (_is_constant(predicted) and _has_length(gold)):
+        return True  # one point is not a set with a whole interval in it
     if not (_by_value(gold) and _by_value(predicted)):
         return False
     if not strict and (gold.free_symbols or predicted.free_symbols):
@@ -90,15 +95,26 @@ def _pair_far(gold: Any, predicted: Any, float_rounding: int, strict: bool) -> b
     return not close(gold_value, predicted_value, float_rounding)
 
 
+def _is_constant(expr: Any) -> bool:
+    return isinstance(expr, sympy.Expr) and not isinstance(expr, sympy.MatrixBase | sympy.MatrixExpr) and expr.is_number
+
+
+def _has_length(item: Any) -> bool:
+    """An interval with constant endpoints and positive length, or a union holding one."""
+    if isinstance(item, sympy.Union):
+        return any(_has_length(part) for part in item.args)
+    if not isinstance(item, sympy.Interval) or not (item.start.is_number and item.end.is_number):
+        return False
+    return bool((item.end - item.start).is_extended_positive)
+
+
 def _by_value(expr: Any) -> bool:
     """Whether Math-Verify compares ``expr`` by value: a constant number, or an expression with symbols that
     is no lone symbol (compared by name) and is built from ``_ELEMENTARY`` nodes over symbols that may take a
     positive non-integer value."""
-    if not isinstance(expr, sympy.Expr) or isinstance(expr, sympy.MatrixBase | sympy.MatrixExpr):
-        return False
-    if expr.is_number:
+    if _is_constant(expr):
         return True
-    if isinstance(expr, sympy.Symbol):
+    if not isinstance(expr, sympy.Expr) or isinstance(expr, sympy.MatrixBase | sympy.MatrixExpr | sympy.Symbol):
         return False
     return all(isinstance(node, _ELEMENTARY) for node in sympy.preorder_traversal(expr)) and all(
         symbol.is_integer is not True and symbol.is_positive is not False for symbol in expr.free_symbols

@@ -21,6 +21,11 @@ REJECTED = [
     ("6", "x = 5"),
     ("y = 2x+3", "2x+4"),  # an assignment gold is its right-hand side
     (r"\frac{14}{3}", r"3\sqrt{13}"),
+    ("2", "[1,3]"),  # a number is no interval of positive length
+    ("28", r"\left[ \frac{\pi^2}{8}, \frac{5 \pi^2}{4} \right]"),
+    ("2", r"(0,9) \cup (9,36)"),
+    (r"(2,\infty)", "5"),
+    ("5", r"x \in [-2,7]"),
 ]
 # (gold, answer): equal, compared another way than by value, or too close to call: Math-Verify decides
 DEFERRED = [
@@ -29,7 +34,9 @@ DEFERRED = [
     (r"\frac{x^2-1}{x-1}", "x+1"),
     ("e", r"\text{e}"),  # a lone symbol is compared by name
     (r"\text{east}", "east"),
-    ("2", "[1,3]"),  # sets and intervals
+    ("(1,2)", "1,2"),  # an open interval against two numbers: Math-Verify compares the endpoints
+    ("[a,b]", "3"),  # an interval with symbolic endpoints
+    (r"\{1,2\}", "1"),  # finite sets
     ("x", "x+10^{-20}"),  # within the tolerance
     ("y = 2x + 3", "2x+3"),
     (r"10\%", "0.1"),
