@@ -12,12 +12,18 @@ import sys
 import time
 
 import pytest
+from ray_head import shared_ray_address
 
 pytestmark = pytest.mark.integration
 
 GSM8K_GREEDY = "{name:gsm8k,limit:6,n:2,max_tokens:12}"
 SETS = f"eval.sets=[{{name:heldout,n:4,temperature:1.0}},{GSM8K_GREEDY}]"
 HELDOUT_ROWS, GSM8K_ROWS = 48, 6
+
+
+def _shared_ray() -> list[str]:
+    """Join the session's Ray head (ray_head.py) instead of starting a local Ray."""
+    return ["cluster.mode=address", f"cluster.address={shared_ray_address()}"]
 
 
 def _command(tmp_path, *overrides: str) -> list[str]:
@@ -61,7 +67,7 @@ def test_eval_writes_table_json_and_samples_and_resumes_after_a_kill_over_two_wo
     total = HELDOUT_ROWS * 4
     assert 32 <= len(done) < total
 
-    resume = _command(tmp_path, "eval.num_workers=2")
+    resume = _command(tmp_path, "eval.num_workers=2", *_shared_ray())
     finished = subprocess.run(resume, capture_output=True, text=True, timeout=420, env=_env())
     assert finished.returncode == 0, finished.stderr[-4000:]
     assert "torch engine, 2 workers" in finished.stdout + finished.stderr
@@ -116,6 +122,7 @@ def test_training_logs_each_eval_set_before_and_after_rl(tmp_path):
         "rollout.num_workers=1",
         "reward.num_workers=1",
         "tracking=minimal",
+        *_shared_ray(),
         "trainer.eval_sets=[{name:heldout,n:3,temperature:1.0},{name:gsm8k,limit:4,n:2,max_tokens:8}]",
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=420, env=_env())
