@@ -58,6 +58,14 @@ def test_ordinary_answers_are_not_refused(answer):
     assert refusal_reason(answer) is None
 
 
+@pytest.mark.parametrize(
+    "text, refused",
+    [("a^ {b^ {c^ {d}}}", True), ("a^b {c^d {e^f}}", False), ("x^{2} y^{3} z^{4}", False)],
+)
+def test_a_brace_is_an_exponent_only_when_nothing_but_space_follows_the_caret(text, refused):
+    assert (refusal_reason(text, prose=True) is not None) is refused
+
+
 def test_power_tower_scores_wrong_at_once_when_called_directly():
     start = time.monotonic()
     assert math_grader.score(r"\boxed{10^{10^{10^{10}}}}", "1") == {"score": 0.0, "acc": 0.0, "gold_unparsed": 0.0}
