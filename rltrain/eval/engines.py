@@ -91,7 +91,8 @@ def _rollout_group(cfg: DictConfig, model_path: str, engine: str):
             # Only the rollout workers' bundles: grading runs in this process, and there is no learner.
             plan = dataclasses.replace(plan, bundles=plan.bundles[:workers], learner=[])
             try:
-                placement_group = reserve(plan, cfg.cluster.placement_timeout_s)
+                local_ray = cfg.cluster.mode == "local"
+                placement_group = reserve(plan, cfg.cluster.placement_timeout_s, local_ray=local_ray)
             except RuntimeError as err:
                 raise ConfigError(f"eval.num_workers={workers}: {err}") from None
             args = {"engine": engine, "model_path": model_path, "seed": cfg.run.seed}
