@@ -103,7 +103,9 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     """Join the torch.distributed group of the learner ranks (gloo on CPU, nccl on GPU).
 
     Each rank sees only its own device (Ray sets CUDA_VISIBLE_DEVICES), hence LOCAL_RANK 0 on GPU.
-    LOCAL_SIZE stays unset so that DeepSpeed's shared-memory CPU all-reduce (inference only) is skipped.
+    DeepSpeed's shared-memory CPU all-reduce serves its inference all-reduce only; training's collectives go
+    through gloo. It is marked unavailable, so it is neither JIT-built (~20 s at a rank's first start on a fresh
+    machine) nor initialised (LOCAL_SIZE stays unset as well).
     """
     os.environ.update(
         RANK=str(rank),
@@ -117,6 +119,8 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have DeepSpeed warn while probing
     import deepspeed
 
+    if backend == "gloo":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=rank, world_size=world_size
