@@ -1,7 +1,9 @@
 """One Ray head shared by the CLI runs of a test session (``cluster.mode=address``).
 
-Each CLI run that starts a local Ray pays Ray's start and shutdown (several seconds on the 2-core CI machine); about
-thirty runs join this head instead, as a run joins a user's cluster. Runs whose test finds the run's own actor or
+Each CLI run or test module that starts a local Ray pays Ray's start and shutdown (several seconds on the 2-core CI
+machine); most join this head instead (CLI runs with ``cluster.mode=address``, in-process tests through
+``joined_ray``), as a run joins a user's cluster. Tests that need a cluster of a given size or environment (placement,
+DeepSpeed's memory measurement) keep a local Ray. Runs whose test finds the run's own actor or
 Ray processes among its descendants (the fault suite), or kills its Ray head, keep a local Ray of their own.
 
 The head is started on first use and stopped, with every process of its session, when pytest exits.
@@ -10,6 +12,7 @@ The head is started on first use and stopped, with every process of its session,
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 from processes import kill_session
 
@@ -34,6 +38,19 @@ def shared_ray_address() -> str:
     if _address is None:
         _address = _start()
     return _address
+
+
+@contextlib.contextmanager
+def joined_ray() -> Iterator[None]:
+    """This (pytest) process joins the session's Ray head as a driver, as a user's script joins a cluster; a Runtime
+    built meanwhile uses it and leaves it running. Its actors end when the driver disconnects."""
+    import ray
+
+    ray.init(address=shared_ray_address(), log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ import os
 
 import pytest
 from hydra import compose, initialize_config_module
+from ray_head import joined_ray
 
 from rltrain.config import register_configs
 
@@ -59,22 +60,20 @@ def algorithm_overrides(algorithm: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    """One local Ray and one set of actors for every algorithm; yields (runtime, model cache dir, step counter)."""
-    import ray
-
+    """One set of actors (on the session's Ray head) for every algorithm; yields (runtime, model cache dir, step
+    counter)."""
     from rltrain.prepare import prepare
     from rltrain.runtime import Runtime
 
     cache_dir = tmp_path_factory.mktemp("algorithms") / "cache"
     cfg = small_config(cache_dir, "rollout=tree", "learner.use_reference=true")
     prep = prepare(cfg)
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    built = Runtime(cfg, prep.model_path, total_optimizer_steps=STEPS * len(ALGORITHMS))
-    try:
-        yield built, cache_dir, [0]
-    finally:
-        built.shutdown()
-        ray.shutdown()
+    with joined_ray():
+        built = Runtime(cfg, prep.model_path, total_optimizer_steps=STEPS * len(ALGORITHMS))
+        try:
+            yield built, cache_dir, [0]
+        finally:
+            built.shutdown()
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

@@ -8,6 +8,7 @@ import os
 
 import pytest
 from processes import alive, gone
+from ray_head import joined_ray
 
 ray = pytest.importorskip("ray")
 
@@ -36,10 +37,9 @@ def by_mode(completion, ground_truth, pids):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def session_ray():
+    with joined_ray():
+        yield
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from ray_head import joined_ray
 
 from rltrain import algo
 from rltrain.learner.torch_learner import TorchLearner
@@ -161,15 +162,12 @@ def test_a_dead_learner_actor_is_a_run_error_naming_it(tiny_model_dir):
     """SIGKILL of the learner's process: the next call raises RunError naming rank, actor and pid, at once."""
     import signal
 
-    import ray
-
     from rltrain.dist.groups import TorchLearnerGroup
     from rltrain.errors import RunError
 
     tokenizer = load_tokenizer(tiny_model_dir)
     batch = _rl_batch(tokenizer)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
+    with joined_ray():
         group = TorchLearnerGroup(1, tiny_model_dir, {"lr": 1e-2}, placement={"num_cpus": 1})
         (label,) = group.labels.values()
         pid = int(label.rsplit("pid ", 1)[1].rstrip(")"))
@@ -179,5 +177,3 @@ def test_a_dead_learner_actor_is_a_run_error_naming_it(tiny_model_dir):
             RunError, match=r"learner rank 0 \(actor \w+, pid \d+\) died during logprobs: .*run.resume=auto"
         ):
             group.logprobs(batch)
-    finally:
-        ray.shutdown()
