@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("vllm")
 
 from hydra import compose, initialize_config_module  # noqa: E402
+from ray_head import joined_ray  # noqa: E402
 from test_quickstart_e2e import SMALL, _metrics, _rltrain  # noqa: E402
 
 from rltrain.config import register_configs  # noqa: E402
@@ -51,11 +52,12 @@ def vllm_trainer(tmp_path, *overrides: str):
     with initialize_config_module(config_module="recipes", version_base="1.3"):
         cfg = compose(config_name="quickstart", overrides=list(overrides))
     prep = prepare(cfg)
-    runtime = Runtime(cfg, prep.model_path, total_optimizer_steps=10)
-    try:
-        yield Trainer(cfg, prep, runtime)
-    finally:
-        runtime.shutdown()
+    with joined_ray():
+        runtime = Runtime(cfg, prep.model_path, total_optimizer_steps=10)
+        try:
+            yield Trainer(cfg, prep, runtime)
+        finally:
+            runtime.shutdown()
 
 
 @pytest.fixture(scope="module")
