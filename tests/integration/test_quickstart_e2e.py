@@ -95,16 +95,32 @@ def _assert_same_numbers(run_dir, reference: dict[int, dict]) -> None:
             assert abs(record[key] - reference[record["step"]][key]) <= 1e-6, (record["step"], key)
 
 
-def test_two_rl_steps_change_parameters_and_write_the_run_dir(tmp_path):
+def test_two_rl_steps_change_parameters_write_the_run_dir_and_log_each_eval_set(tmp_path):
+    """Two RL steps with two eval sets: the rollout workers generate them, gsm8k is graded by its own grader, and
+    every pass@k / maj@k for k up to each set's n is logged before RL (step 0) and after it."""
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    args = [f"run.dir={run_dir}", "trainer.steps=2", "trainer.save_every=2", "trainer.eval_every=0"]
+    args = [
+        f"run.dir={run_dir}",
+        "trainer.steps=2",
+        "trainer.save_every=2",
+        "trainer.eval_every=0",
+        "data.max_prompt_tokens=400",  # GSM8K questions in a byte-level tokenizer
+        "trainer.eval_sets=[{name:heldout,n:3,temperature:1.0},{name:gsm8k,limit:4,n:2,max_tokens:8}]",
+    ]
     proc = _rltrain(tmp_path, *args, cache_dir=tmp_path / "cache")  # its own cache: the SFT base is compared
-    assert "held-out pass@1 (greedy) before RL" in proc.stdout and "after RL" in proc.stdout
+    assert "held-out pass@1 before RL (SFT base)" in proc.stdout and "after RL (policy)" in proc.stdout  # sampled
     records = _metrics(run_dir)
     steps = [r["step"] for r in records]
     assert steps == [0, 1, 2]
+    for step in (0, 2):
+        logged = set(records[step])
+        for name, n in (("heldout", 3), ("gsm8k", 2)):
+            for k in range(1, n + 1):
+                assert {f"eval/{name}/pass@{k}", f"eval/{name}/maj@{k}"} <= logged, (step, name, k)
+            assert f"eval/{name}/avg@{n}" in logged
+        assert "eval/accuracy" in logged
     for record in records[1:]:
         for key in ("reward/mean", "loss/total", "perf/step_time_s", "rollout/logprob_diff", "perf/grad_norm"):
             assert key in record and record[key] is not None and math.isfinite(record[key]), key
