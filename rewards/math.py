@@ -10,7 +10,8 @@ delimiters (``$``, ``\\(``, ``\\[``, ``\\boxed``) is extracted like a completion
 
 Before Math-Verify, both sides are normalised where the public graders agree and Math-Verify does not
 (docs/evaluation.md, "Grader: answer equivalence"): a number followed by unit words (``5 dollars``,
-``\\text{12 square units}``) is the number, and ``1e3`` is ``1\\times10^{3}``.
+``\\text{12 square units}``) is the number, and ``1e3`` is ``1\\times10^{3}``. Pairs Math-Verify could not
+accept (clearly different values) are rejected before its SymPy work (rewards/_unequal.py).
 
 Time: Math-Verify's signal-based timeouts are switched off (they fail outside the main thread). Instead
 ``score`` bounds its own time wherever it is called (rewards/_timebound.py): pathological answers and golds
@@ -30,6 +31,7 @@ from typing import Any
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from rewards import _latex_number as latex_number
+from rewards import _latex_parser
 from rewards._timebound import TimeUp, refusal_reason, time_limit
 from rewards._unequal import all_far, clearly_unequal
 from rewards.extract import after_answer_phrase, after_last, last_boxed, to_fraction
@@ -46,24 +48,7 @@ for _logger_name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_logger_name).addFilter(_DisabledTimeoutNotice())
 
 
-def _patch_antlr_4_9_parser() -> None:
-    """Make percentages parse under ANTLR 4.9 (the runtime hydra-core pins).
-
-    latex2sympy2_extended 1.11 ships a parser generated for ANTLR 4.9.3 whose ``AtomContext`` lacks the
-    ``FUNC_GAMMA`` accessor that its converter calls before it reaches ``PERCENT_NUMBER``, so every
-    ``28\\%`` fails with AttributeError and is compared as a raw string. The accessor returns the child
-    token, or None when the atom has none (always, in the 4.9 grammar).
-    """
-    try:
-        from latex2sympy2_extended.antlr_parser import PSParser
-    except Exception:  # noqa: BLE001 - another layout: leave it alone
-        return
-    atom = getattr(PSParser, "AtomContext", None)
-    if atom is not None and not hasattr(atom, "FUNC_GAMMA") and hasattr(PSParser, "FUNC_GAMMA"):
-        atom.FUNC_GAMMA = lambda self: self.getToken(PSParser.FUNC_GAMMA, 0)
-
-
-_patch_antlr_4_9_parser()
+_latex_parser.patch()  # percentages under ANTLR 4.9; two-stage (SLL, then LL) prediction
 
 MAX_COMPLETION_CHARS = 4000  # tail handed to Math-Verify's regex extraction when there is no box
 _LATEX_MARKERS = ("\\(", "\\[", "\\boxed", "\\fbox")
