@@ -177,6 +177,9 @@ class LearnerConfig:
     lr_schedule: str = "constant"  # constant | cosine | linear
     grad_clip: float | None = 1.0  # global gradient-norm clip; 0 or null: no clipping (every backend)
     micro_batch_size: int = 16
+    # torch learner: pack rows padding-free into micro-batches of at most this many tokens (micro_batch_size is
+    # then unused); null: micro_batch_size padded rows. Same loss and gradients either way (docs/learner.md).
+    max_tokens_per_micro_batch: int | None = None
     world_size: int = 1
     zero_stage: int = 1
     offload_optimizer: bool = False
@@ -330,6 +333,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_model(cfg.model, cfg.rollout.engine)
     _validate_algorithm(cfg)
     _validate_placement(cfg)
+    _validate_packing(cfg)
     _validate_eval_sets(cfg)
     if not cfg.reward.functions:
         raise ConfigError("reward.functions=[]: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
@@ -348,6 +352,21 @@ def _validate_eval_sets(cfg: DictConfig) -> None:
 
     parse_eval_sets(cfg.trainer.eval_sets, "trainer.eval_sets")
     parse_eval_sets(cfg.eval.sets, "eval.sets")
+
+
+def _validate_packing(cfg: DictConfig) -> None:
+    budget = cfg.learner.max_tokens_per_micro_batch
+    if budget is None:
+        return
+    key = setting("learner.max_tokens_per_micro_batch", budget)
+    if cfg.learner.backend != "torch":
+        raise ConfigError(f"{key}: torch learner only for now (got learner.backend={cfg.learner.backend})")
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens
+    if budget < longest:
+        raise ConfigError(
+            f"{key}: must hold the longest sequence, data.max_prompt_tokens={cfg.data.max_prompt_tokens} + "
+            f"rollout.max_tokens={cfg.rollout.max_tokens} = {longest}"
+        )
 
 
 def _validate_placement(cfg: DictConfig) -> None:

@@ -95,6 +95,7 @@ RULES: dict[str, Rule] = {
     "learner.adam_eps": _POSITIVE,
     "learner.warmup_steps": _NON_NEGATIVE,
     "learner.micro_batch_size": _COUNT,
+    "learner.max_tokens_per_micro_batch": _optional(_COUNT),
     "learner.world_size": _COUNT,
     "learner.export_bucket_mb": _COUNT,
     "trainer.steps": _COUNT,

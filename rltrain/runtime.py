@@ -67,7 +67,7 @@ def grader_options(reward_cfg: DictConfig) -> dict[str, Any]:
 
 def learner_options(cfg: DictConfig, total_optimizer_steps: int) -> dict[str, Any]:
     lc = cfg.learner
-    return {
+    options = {
         "lr": lc.lr,
         "betas": tuple(lc.betas),
         "weight_decay": lc.weight_decay,
@@ -83,6 +83,9 @@ def learner_options(cfg: DictConfig, total_optimizer_steps: int) -> dict[str, An
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "seed": cfg.run.seed,
     }
+    if lc.max_tokens_per_micro_batch is not None:  # torch learner only: validation refuses it for DeepSpeed
+        options["max_tokens_per_micro_batch"] = lc.max_tokens_per_micro_batch
+    return options
 
 
 def rollout_options(cfg: DictConfig) -> dict[str, Any]:

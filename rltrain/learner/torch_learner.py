@@ -1,5 +1,8 @@
 """Single-process torch learner: AdamW, warm-up schedule, grad clipping, micro-batching.
 
+Micro-batches are ``micro_batch_size`` consecutive padded rows, or, with ``max_tokens_per_micro_batch``,
+groups of rows packed padding-free into one row of at most that many tokens (rltrain/learner/packing.py).
+
 Algorithm-blind: ``train_step(batch, loss_fn)`` knows nothing about advantages or clipping. The loss
 function returns contributions already normalised by the optimizer step's global token count
 (see rltrain/learner/base.py), so gradients do not depend on ``micro_batch_size``.
@@ -20,6 +23,7 @@ from torch import Tensor
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.logprobs import response_hidden_and_probs, sequence_logprobs
 from rltrain.learner.optim import build_optimizer, build_scheduler, clip_max_norm, update_is_finite
+from rltrain.learner.packing import packed_micro_batches, packed_sequence_logprobs
 from rltrain.types import RolloutBatch
 
 LEARNER_STATE_FILE = "learner_state.pt"
@@ -39,6 +43,7 @@ class TorchLearner:
         total_steps: int = 1,
         grad_clip: float | None = 1.0,
         micro_batch_size: int = 16,
+        max_tokens_per_micro_batch: int | None = None,
         temperature: float = 1.0,
         use_reference: bool = False,
         dtype: str = "float32",
@@ -61,6 +66,7 @@ class TorchLearner:
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, total_steps, lr_schedule)
         self.max_grad_norm = clip_max_norm(grad_clip)
         self.micro_batch_size = micro_batch_size
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.temperature = temperature
         self.optimizer_steps = 0
 
@@ -71,12 +77,12 @@ class TorchLearner:
             raise RuntimeError("reference logprobs requested but the learner has no reference model")
         was_training = model.training
         model.eval()
-        parts = [
-            sequence_logprobs(model, micro.to(self.device), self.temperature)[0].cpu()
-            for micro in batch.micro_batches(self.micro_batch_size)
-        ]
+        groups = self._micro_batch_rows(batch)
+        parts = [self._forward(model, batch.select(rows).to(self.device))[0].cpu() for rows in groups]
         model.train(was_training)
-        return _pad_cat_right(parts, batch.response_ids.shape[1])
+        logprobs = torch.zeros(batch.response_ids.shape)
+        logprobs[torch.tensor([row for rows in groups for row in rows])] = torch.cat(parts)
+        return logprobs
 
     @torch.no_grad()
     def forward_extras(self, batch: RolloutBatch, extras_fn: Callable[..., dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -111,12 +117,14 @@ class TorchLearner:
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         total_loss = 0.0
-        for micro in batch.micro_batches(self.micro_batch_size):
-            micro = micro.to(self.device)
-            logprobs, entropy = sequence_logprobs(self.model, micro, self.temperature, loss_fn.needs_entropy)
+        computed_tokens = 0
+        for rows in self._micro_batch_rows(batch):
+            micro = batch.select(rows).to(self.device)
+            logprobs, entropy, tokens = self._forward(self.model, micro, loss_fn.needs_entropy)
             loss, metrics = loss_fn(logprobs, entropy, micro, norm)
             loss.backward()
             total_loss += float(loss.detach())
+            computed_tokens += tokens
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         lr = self.scheduler.get_last_lr()[0]
@@ -127,7 +135,23 @@ class TorchLearner:
             "loss/nonfinite_skipped": float(skipped),
             "perf/grad_norm": grad_norm,
             "perf/lr": lr,
+            "perf/learner_tokens": float(computed_tokens),
         }
+
+    def _micro_batch_rows(self, batch: RolloutBatch) -> list[list[int]]:
+        """Row indices of each micro-batch: packed under the token budget, else consecutive chunks of rows."""
+        if self.max_tokens_per_micro_batch is not None:
+            return packed_micro_batches(batch, self.max_tokens_per_micro_batch)
+        return [chunk.tolist() for chunk in torch.arange(batch.batch_size).split(self.micro_batch_size)]
+
+    def _forward(
+        self, model: torch.nn.Module, micro: RolloutBatch, with_entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None, int]:
+        """(logprobs [b,T], entropy [b,T] | None, tokens computed) of one micro-batch, packed or padded."""
+        if self.max_tokens_per_micro_batch is not None:
+            return packed_sequence_logprobs(model, micro, self.temperature, with_entropy)
+        logprobs, entropy = sequence_logprobs(model, micro, self.temperature, with_entropy)
+        return logprobs, entropy, micro.prompt_ids.numel() + micro.response_ids.numel()
 
     def _apply_update(self, total_loss: float) -> tuple[float, bool]:
         """Clip and apply the accumulated gradients unless the step is not finite; (grad norm, skipped).

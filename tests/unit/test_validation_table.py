@@ -115,6 +115,7 @@ CASES: dict[str, list[str]] = {
     "learner.lr_schedule": ["learner.lr_schedule=step"],
     "learner.grad_clip": ["learner.grad_clip=-1"],
     "learner.micro_batch_size": ["learner.micro_batch_size=0"],
+    "learner.max_tokens_per_micro_batch": ["learner.max_tokens_per_micro_batch=0"],
     "learner.world_size": ["learner.world_size=0"],
     "learner.zero_stage": [*DEEPSPEED, "learner.zero_stage=4"],
     "learner.offload_params": [*DEEPSPEED, "learner.zero_stage=1", "learner.offload_params=true"],
