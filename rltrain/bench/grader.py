@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="MATH-500 json (default: tests/data/math500_test.json)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report here")
+    parser.add_argument(
+        "--scores", dest="scores_path", default=None, help="write each sample's score per repeat (JSON): diff versions"
+    )
     args = parser.parse_args(argv)
     if args.workers < 1 or args.samples < 1 or args.group < 1 or args.repeats < 1:
         parser.error("--workers, --samples, --group and --repeats must be positive")
@@ -104,7 +107,7 @@ def make_samples(golds: list[str], samples: int, group: int, rng: random.Random)
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     golds = load_golds(args.workload, args.data, rng)
-    runs = []
+    runs, scores = [], []
     for repeat in range(args.repeats):
         completions, rows = make_samples(golds, args.samples, args.group, random.Random(args.seed + 1 + repeat))
         options = dict(num_workers=args.workers, timeout_s=args.timeout_s, batch_size=args.batch_size)
@@ -115,6 +118,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             result = grader.grade(completions, rows)
             elapsed = time.perf_counter() - start
         errors = {key: value for key, value in result.metrics.items() if key.startswith("reward/errors/") and value}
+        scores.append(result.rewards.tolist())
         runs.append(
             {
                 "grades_per_s": len(completions) / elapsed,
@@ -124,6 +128,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "errors": errors,
             }
         )
+    if args.scores_path:
+        with open(args.scores_path, "w", encoding="utf-8") as file:
+            json.dump(scores, file)
     return {
         "benchmark": "grader",
         "fn": args.fn,
