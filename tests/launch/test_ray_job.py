@@ -44,6 +44,8 @@ def ray_head(launch_env):
     dashboard_port = free_port()
     command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}"]
     command += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    # The job agent listens on 52365 unless told: another Ray on this machine may hold it ("No available agent").
+    command += [f"--dashboard-agent-listen-port={free_port()}"]
     command += ["--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     command += ["--log-style=record", "--log-color=false"]
     log_path = os.path.join(temp_dir, "head.log")
@@ -57,7 +59,9 @@ def ray_head(launch_env):
     while error is not None:
         if head.poll() is not None or time.monotonic() > deadline:
             kill_session(head.pid)
-            pytest.fail(f"the Ray head did not run a job ({error}):\n{open(log_path).read()[-3000:]}")
+            head_log = open(log_path).read()[-3000:]
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            pytest.fail(f"the Ray head did not run a job ({error}):\n{head_log}")
         time.sleep(1)
         error = _submit_error(dashboard, env) if _answers(f"{dashboard}/api/version") else "no jobs API yet"
     yield dashboard

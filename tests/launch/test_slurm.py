@@ -4,6 +4,7 @@ attempt resumes as if never stopped, a layout that cannot fit fails before Ray s
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 
@@ -13,6 +14,7 @@ from launching import REPO, SMALL, assert_same_metrics, free_port, processes_nam
 pytestmark = [pytest.mark.launch, pytest.mark.usefixtures("slurm")]
 
 SBATCH = os.path.join(REPO, "launch", "slurm", "rltrain.sbatch")
+SUBMITTED: list[str] = []  # job ids, whose Ray temp dirs (/tmp/ray-slurm-<job id>) go at the end
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")
 
 
@@ -24,7 +26,15 @@ def _submit(env, tmp, *overrides: str, wait: bool = False, **job_env: str) -> tu
     proc = subprocess.run([*command, *overrides], capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
     job_id = proc.stdout.strip().splitlines()[0].split(";")[0] if proc.stdout.strip() else ""
     assert job_id.isdigit(), f"sbatch did not submit: {proc.stdout}\n{proc.stderr}"
+    SUBMITTED.append(job_id)
     return job_id, proc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_ray_temp_dirs():
+    yield
+    for job_id in SUBMITTED:
+        shutil.rmtree(f"/tmp/ray-slurm-{job_id}", ignore_errors=True)
 
 
 def _job(job_id: str) -> dict[str, str]:
