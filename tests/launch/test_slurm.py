@@ -108,6 +108,9 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_requeued_attempt_resumes_i
     assert "forwarding it to rltrain" in log and f"stopped by SIGTERM after step {stopped_at}" in log
     assert processes_naming(f"ray-slurm-{job_id}") == []
 
+    # slurmd revoked the job's credential as it ended, with a one-second resolution: a restart within that second
+    # is refused ("Job credential revoked"). Slurm's own requeue hold (below) avoids that; this test waits 2 s.
+    time.sleep(2)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     _wait_state(job_id, "PENDING")
     # Slurm holds a requeued job for about two minutes (its begin time); release it now.
