@@ -155,6 +155,12 @@ def padding_bounds(prompt_mask: Tensor, response_mask: Tensor) -> tuple[int, int
     return start, width
 
 
+def trimmed_tokens(micro: RolloutBatch) -> int:
+    """Tokens ``trimmed_logprobs`` computes for ``micro``: rows x the width left after its all-padding columns."""
+    start, width = padding_bounds(micro.prompt_mask, micro.response_mask)
+    return micro.batch_size * (micro.prompt_ids.shape[1] - start + width)
+
+
 def trimmed_logprobs(
     model, micro: RolloutBatch, temperature: float, with_entropy: bool = False
 ) -> tuple[Tensor, Tensor | None]:
@@ -296,9 +302,11 @@ class DeepSpeedLearner:
         micros = padded_micro_batches(shard, self.micro_batch_size, num_micro, filler)
         totals: dict[str, float] = {}
         total_loss = 0.0
+        computed_tokens = 0  # filler micro-batches included: they are computed too
         for index, (micro, real) in enumerate(micros):
             self.engine.set_gradient_accumulation_boundary(index == len(micros) - 1)
             micro = micro.to(self.device)
+            computed_tokens += trimmed_tokens(micro)
             logprobs, entropy = trimmed_logprobs(self.engine, micro, self.temperature, real and loss_fn.needs_entropy)
             if real:
                 loss, metrics = loss_fn(logprobs, entropy, micro, norm)
@@ -321,7 +329,7 @@ class DeepSpeedLearner:
             "perf/grad_norm": _as_float(self.engine.get_global_grad_norm()),
             "perf/lr": lr,
         }
-        return {**totals, "loss/total": total_loss}, step_metrics
+        return {**totals, "loss/total": total_loss, "perf/learner_tokens": float(computed_tokens)}, step_metrics
 
     def export_buckets(self, bucket_mb: int | None = None) -> Iterator[dict[str, Tensor]]:
         """HF-named CPU parameters in buckets of at most ``bucket_mb`` (default ``export_bucket_mb``; a bigger
