@@ -5,6 +5,7 @@ re-run, a second death is a RunError; what the dead actor's reward functions lef
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from processes import alive, gone
@@ -62,6 +63,19 @@ def runtime(tmp_path):
     ray.kill(runtime.reward)
 
 
+def _kill(actor) -> None:
+    """``ray.kill`` is asynchronous: a call sent right after it may still reach the actor. Return once it is dead."""
+    ray.kill(actor)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed actor still answers after 60 s")
+
+
 def _rows(n: int) -> list[dict]:
     return [{"answer": None}] * n
 
@@ -78,7 +92,7 @@ def test_a_dead_reward_actor_is_replaced_and_its_leftovers_killed(runtime, tmp_p
     assert runtime.grade(["spawn"], _rows(1)).rewards.tolist() == [1.0]
     (leftover,) = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
     assert alive(leftover)
-    ray.kill(runtime.reward)
+    _kill(runtime.reward)
     result = runtime.grade(["ok", "ok"], _rows(2))
     assert result.rewards.tolist() == [1.0, 1.0] and result.metrics["reward/worker_replacements"] == 1.0
     assert gone([leftover])
