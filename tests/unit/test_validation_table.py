@@ -226,3 +226,13 @@ def test_the_base_of_each_case_passes(options):
     from rltrain.config import validate
 
     validate(cfg)
+
+
+def test_more_gpus_than_this_machine_has_is_refused_before_a_local_ray_starts():
+    """A local Ray gets this machine's GPUs (none here); a joined cluster's GPUs are checked once joined."""
+    import torch
+
+    too_many = torch.cuda.device_count() + 1
+    with pytest.raises(ConfigError, match=rf"cluster\.num_gpus={too_many}, but this machine has \d+ GPUs"):
+        _check([f"cluster.num_gpus={too_many}"])
+    _check([f"cluster.num_gpus={too_many}", "cluster.mode=address"])
