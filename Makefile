@@ -42,7 +42,7 @@ unit: install-all
 	$(BIN)/pytest -q tests/unit
 
 integration: install-all
-	RLTRAIN_REQUIRE_BACKENDS=1 $(BIN)/pytest -q -m integration tests/integration
+	RLTRAIN_REQUIRE_BACKENDS=1 $(BIN)/pytest -q -m integration tests/integration --durations=25
 
 # The launchers for real, after the integration suite: a one-node Slurm (installed and started here when this is a
 # root machine with apt-get; skipped with a banner otherwise) and a Ray head for launch/ray_job.sh (docs/cluster.md).

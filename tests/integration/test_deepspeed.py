@@ -180,8 +180,8 @@ def test_resume_refuses_a_foreign_or_mismatched_checkpoint(tmp_path):
 # ---- equivalence with the torch learner ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+# Every ZeRO stage on two ranks; one rank only for stage 3 (stages 1 and 2 on one rank partition nothing).
+@pytest.mark.parametrize("zero_stage,world_size", [(1, 2), (2, 2), (3, 2), (3, 1)])
 def test_one_step_equals_the_torch_learner(tiny_model_dir, torch_reference, zero_stage, world_size):
     group = DeepSpeedLearnerGroup(learner_cfg(world_size, zero_stage), tiny_model_dir, OPTIONS)
     try:
@@ -278,7 +278,8 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_changes_nothing(tiny_mod
 # ---- checkpoint / resume -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("zero_stage", [1, 3])
+# ZeRO-3 here; ZeRO-2 (the optimizer class ZeRO-1 shares) resumes end to end in test_deepspeed_e2e.py.
+@pytest.mark.parametrize("zero_stage", [3])
 def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, tmp_path, zero_stage):
     """Save after step 2 of 4; a fresh group loaded from the save reproduces steps 3-4 (losses, lr, weights)."""
     options = {**OPTIONS, "warmup_steps": 2, "lr_schedule": "cosine", "total_steps": 4}
