@@ -60,12 +60,11 @@ def check_local_gpus(cluster: DictConfig) -> None:
         return
     import torch
 
-    available = torch.cuda.device_count()
-    if cluster.num_gpus > available:
-        raise ConfigError(
-            f"cluster.num_gpus={cluster.num_gpus}, but this machine has {available} GPUs (cluster.mode=local); run "
-            "where there are that many, or lower cluster.num_gpus (0 on CPU)"
-        )
+    from rltrain.dist.placement import gpu_shortfall
+
+    shortfall = gpu_shortfall(cluster.num_gpus, torch.cuda.device_count(), "this machine")
+    if shortfall:
+        raise ConfigError(shortfall)
 
 
 def check_grader_options(reward: DictConfig) -> None:

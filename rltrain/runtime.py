@@ -26,7 +26,15 @@ from rltrain.dist.groups import (
     start_ray,
     stop_ray,
 )
-from rltrain.dist.placement import PlacementPlan, actor_options, gpus_per_actor, plan_placement, release, reserve
+from rltrain.dist.placement import (
+    PlacementPlan,
+    actor_options,
+    gpu_shortfall,
+    gpus_per_actor,
+    plan_placement,
+    release,
+    reserve,
+)
 from rltrain.errors import RunError
 from rltrain.learner.base import LossFn
 from rltrain.progress_log import plain_ray_logs
@@ -184,11 +192,9 @@ class Runtime:
         has fewer GPUs than ``cluster.num_gpus`` or cannot hold the plan."""
         gpus = self.cluster_gpus
         try:
-            if gpus < cfg.cluster.num_gpus:
-                raise RuntimeError(
-                    f"cluster.num_gpus={cfg.cluster.num_gpus}, but the Ray cluster has {gpus:g} GPUs; run where "
-                    "there are that many, or lower cluster.num_gpus (0 on CPU)"
-                )
+            shortfall = gpu_shortfall(cfg.cluster.num_gpus, gpus, "the Ray cluster")
+            if shortfall:
+                raise RuntimeError(shortfall)
             plan = plan_run_placement(cfg, gpus)
             local_ray = cfg.cluster.mode == "local"
             return reserve(plan, cfg.cluster.placement_timeout_s, local_ray=local_ray), plan

@@ -147,6 +147,17 @@ def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{name}={resources.get(name, 0.0):g}" for name in ("CPU", "GPU"))
 
 
+def gpu_shortfall(num_gpus: int, available: float, holder: str) -> str | None:
+    """Why ``cluster.num_gpus`` cannot run on the ``available`` GPUs of ``holder`` (e.g. "this machine", "the Ray
+    cluster"); None when they suffice."""
+    if num_gpus <= available:
+        return None
+    return (
+        f"cluster.num_gpus={num_gpus}, but {holder} has {available:g} GPUs; run where there are that many, or lower "
+        "cluster.num_gpus (0 on CPU)"
+    )
+
+
 def resource_table(needed: dict[str, float], columns: dict[str, dict[str, float]]) -> str:
     """``needed`` against each of ``columns`` (e.g. the cluster's total and available), one row per resource::
 

@@ -40,6 +40,11 @@ def shared_ray_address() -> str:
     return _address
 
 
+def shared_ray_overrides() -> list[str]:
+    """The CLI overrides that make a run join the session's Ray head instead of starting a local Ray."""
+    return ["cluster.mode=address", f"cluster.address={shared_ray_address()}"]
+
+
 @contextlib.contextmanager
 def joined_ray() -> Iterator[None]:
     """This (pytest) process joins the session's Ray head as a driver, as a user's script joins a cluster; a Runtime

@@ -12,18 +12,13 @@ import sys
 import time
 
 import pytest
-from ray_head import shared_ray_address
+from ray_head import shared_ray_overrides
 
 pytestmark = pytest.mark.integration
 
 GSM8K_GREEDY = "{name:gsm8k,limit:6,n:2,max_tokens:12}"
 SETS = f"eval.sets=[{{name:heldout,n:4,temperature:1.0}},{GSM8K_GREEDY}]"
 HELDOUT_ROWS, GSM8K_ROWS = 48, 6
-
-
-def _shared_ray() -> list[str]:
-    """Join the session's Ray head (ray_head.py) instead of starting a local Ray."""
-    return ["cluster.mode=address", f"cluster.address={shared_ray_address()}"]
 
 
 def _command(tmp_path, *overrides: str) -> list[str]:
@@ -67,7 +62,7 @@ def test_eval_writes_table_json_and_samples_and_resumes_after_a_kill_over_two_wo
     total = HELDOUT_ROWS * 4
     assert 32 <= len(done) < total
 
-    resume = _command(tmp_path, "eval.num_workers=2", *_shared_ray())
+    resume = _command(tmp_path, "eval.num_workers=2", *shared_ray_overrides())
     finished = subprocess.run(resume, capture_output=True, text=True, timeout=420, env=_env())
     assert finished.returncode == 0, finished.stderr[-4000:]
     assert "torch engine, 2 workers" in finished.stdout + finished.stderr

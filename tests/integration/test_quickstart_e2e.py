@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from ray_head import shared_ray_address
+from ray_head import shared_ray_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def _command(tmp_path, *overrides: str, cache_dir=None, own_ray: bool = False) -
     """The rltrain CLI on the shrunk quickstart; models cached in ``cache_dir`` (default: the session's cache). The
     run joins the session's Ray head (ray_head.py) unless ``own_ray``: then it starts a local Ray of its own."""
     cache = f"model.cache_dir={cache_dir or SESSION_CACHE}"
-    cluster = [] if own_ray else ["cluster.mode=address", f"cluster.address={shared_ray_address()}"]
+    cluster = [] if own_ray else shared_ray_overrides()
     return [sys.executable, "-m", "rltrain", "--config-name", "quickstart", *SMALL, cache, *cluster, *overrides]
 
 

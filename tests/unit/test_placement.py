@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rltrain.dist.placement import ActorSlot, plan_placement, shortfall_message
+from rltrain.dist.placement import ActorSlot, gpu_shortfall, plan_placement, shortfall_message
 
 
 def _fits(plan) -> None:
@@ -107,3 +107,10 @@ def test_shortfall_message_of_a_joined_cluster_has_no_local_ray_hint():
     message = shortfall_message(plan, 60.0, {"CPU": 2.0}, {"CPU": 2.0}, local_ray=False)
     assert "within 60s" in message and "cluster.num_cpus" not in message
     assert "learner.world_size" in message and "cluster.placement_timeout_s" in message
+
+
+def test_a_gpu_shortfall_names_the_key_the_holder_and_the_fix():
+    message = gpu_shortfall(2, 1, "the Ray cluster")
+    assert message.startswith("cluster.num_gpus=2, but the Ray cluster has 1 GPUs;")
+    assert "lower cluster.num_gpus (0 on CPU)" in message
+    assert gpu_shortfall(2, 2, "this machine") is None and gpu_shortfall(0, 0, "this machine") is None
