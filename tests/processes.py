@@ -26,6 +26,16 @@ def gone(pids: list[int], within_s: float = 10.0) -> bool:
     return not any(alive(pid) for pid in pids)
 
 
+def cmdline(pid: int) -> str:
+    """A process's command line, arguments joined by spaces ("" once it is gone). Ray actors rename theirs to
+    ``ray::<Class>`` / ``ray::<Class>.<method>``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def processes() -> list[tuple[int, int, int]]:
     """(pid, parent pid, session id) of every process now running, from /proc."""
     found = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from processes import kill_session, processes
+from processes import cmdline, kill_session, processes
 from test_quickstart_e2e import (
     FAST,
     PACED_REWARD,
@@ -59,21 +59,12 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _title(pid: int) -> str:
-    """A process's command line; Ray actors rename theirs to ``ray::<Class>`` / ``ray::<Class>.<method>``."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 def _find(proc: subprocess.Popen, match, what: str, timeout_s: float = 300) -> int:
     """Pid of the run's descendant whose title satisfies ``match``, waiting for it to appear."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         for pid in _descendants(proc.pid):
-            if match(_title(pid)):
+            if match(cmdline(pid)):
                 return pid
         time.sleep(0.2)
     raise AssertionError(f"no {what} process under the run (exit code {proc.poll()})")

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+from processes import cmdline
 
 from rewards import code
 from rewards.sandbox import SandboxLimits, active_layers, run_python
@@ -46,17 +47,9 @@ def _assert_contained(source: str, limits: SandboxLimits, stdin: str = ""):
     assert not result.ok, (result.stdout, result.stderr)
     assert SECRET not in result.stdout + result.stderr
     time.sleep(0.1)
-    leftovers = [pid for pid in _processes() - before if _cmdline(pid).startswith("/") and "sandbox" in _cmdline(pid)]
+    leftovers = [pid for pid in _processes() - before if cmdline(pid).startswith("/") and "sandbox" in cmdline(pid)]
     assert not leftovers, "sandbox processes survived their run"
     return result
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            return file.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @pytest.mark.parametrize("limits", _variants(), ids=lambda limits: "all-layers" if limits.audit_hook else "kernel-only")

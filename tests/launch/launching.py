@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
+
+from processes import cmdline
+
+from rltrain import tracking
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DATA = os.path.join(REPO, "tests", "integration", "data")
@@ -48,12 +51,8 @@ def free_port() -> int:
 
 
 def read_metrics(run_dir) -> list[dict]:
-    """The complete lines of a run's metrics.jsonl (none before the run writes it)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+    """The complete lines of a run's metrics.jsonl (none before the run writes it), read as rltrain reads them."""
+    return tracking.read_metrics(os.path.join(run_dir, tracking.METRICS_FILE))
 
 
 def assert_same_metrics(records: list[dict], reference: list[dict]) -> None:
@@ -68,13 +67,5 @@ def assert_same_metrics(records: list[dict], reference: list[dict]) -> None:
 
 def processes_naming(text: str) -> list[str]:
     """Command lines of the running processes that contain ``text`` (e.g. a Ray temp dir)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(cmdline)
-    return found
+    lines = (cmdline(int(pid)) for pid in filter(str.isdigit, os.listdir("/proc")))
+    return [line for line in lines if text in line]
