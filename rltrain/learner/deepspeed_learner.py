@@ -20,6 +20,11 @@ the accumulated gradients and skip the optimizer and LR-schedule step when the g
 over ranks, so every rank decides alike) is not finite, in every precision (``check_grad_overflow`` is set
 for bf16). A rank whose loss is not finite back-propagates NaN, so a NaN loss with finite gradients is
 skipped on every rank too. ``engine.was_step_applied()`` then says whether the step was taken.
+
+With ``lora`` (``learner.lora``, rank > 0) the engine wraps a peft LoRA model and only the adapters train
+(rltrain/learner/lora.py): the reference is the engine's model with the adapter disabled, exports are the merged
+weights under the base model's HF names (under ZeRO-3 each bucket gathers a layer's base weight with its
+adapter), and ZeRO checkpoints leave out the frozen base weights.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from rltrain.config import ConfigError
+from rltrain.learner import lora as _lora
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.logprobs import sequence_logprobs
 from rltrain.learner.optim import build_optimizer, build_scheduler, clip_max_norm
@@ -222,6 +229,7 @@ class DeepSpeedLearner:
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        lora: dict[str, Any] | None = None,
     ):
         import deepspeed
         from transformers import AutoConfig
@@ -249,14 +257,19 @@ class DeepSpeedLearner:
         model = load_causal_lm(model_path, dtype)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = build_optimizer(model.parameters(), lr, betas, weight_decay, eps=adam_eps)
+        self.lora = _lora.lora_settings(lora)
+        if self.lora is not None:
+            model = _lora.add_adapter(model, self.lora, gradient_checkpointing)
+        optimizer = build_optimizer(_lora.trainable_parameters(model), lr, betas, weight_decay, eps=adam_eps)
         scheduler = build_scheduler(optimizer, warmup_steps, total_steps, lr_schedule)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
         )
         self.device = self.engine.device
         self.tokenizer = load_tokenizer(model_path)
-        self.reference = self._build_reference(model_path, dtype) if use_reference else None
+        self.use_reference = use_reference
+        # Under LoRA the reference is the engine's own model with its adapter disabled: no second model.
+        self.reference = self._build_reference(model_path, dtype) if use_reference and self.lora is None else None
         self.optimizer_steps = 0
 
     def _build_reference(self, model_path: str, dtype: str):
@@ -279,16 +292,18 @@ class DeepSpeedLearner:
     @torch.no_grad()
     def logprobs(self, shard: RolloutBatch, reference: bool, num_micro: int, filler: RolloutBatch) -> Tensor:
         """[rows, T] logprobs of this rank's rows (collective: every rank runs ``num_micro`` forwards)."""
-        model = self.reference if reference else self.engine
-        if model is None:
+        if reference and not self.use_reference:
             raise RuntimeError("reference logprobs requested but the learner has no reference model (use_reference)")
+        model = self.reference if reference and self.reference is not None else self.engine
         was_training = model.training
         model.eval()
         parts = []
-        for micro, real in padded_micro_batches(shard, self.micro_batch_size, num_micro, filler):
-            logprobs = trimmed_logprobs(model, micro.to(self.device), self.temperature)[0]
-            if real:
-                parts.append(logprobs.float().cpu())
+        base_only = _lora.adapter_disabled(self.engine.module) if reference and self.lora is not None else None
+        with base_only or contextlib.nullcontext():
+            for micro, real in padded_micro_batches(shard, self.micro_batch_size, num_micro, filler):
+                logprobs = trimmed_logprobs(model, micro.to(self.device), self.temperature)[0]
+                if real:
+                    parts.append(logprobs.float().cpu())
         model.train(was_training)
         if not parts:
             return torch.zeros(0, shard.response_ids.shape[1])
@@ -341,16 +356,22 @@ class DeepSpeedLearner:
         """
         if self.zero_stage != 3 and self.rank != 0:
             return
-        named = list(self.engine.module.named_parameters())
-        sizes = [getattr(param, "ds_numel", param.numel()) * param.element_size() for _, param in named]
+        entries = self._export_entries()
+        sizes = [_whole_bytes(entry.sources[0]) for entry in entries]
         bucket_bytes = bucket_mb * 2**20 if bucket_mb is not None else self.export_bucket_bytes
         for bucket in bucket_by_bytes(sizes, bucket_bytes):
-            chosen = [named[i] for i in bucket]
-            with self._gathered([param for _, param in chosen]):
+            chosen = [entries[i] for i in bucket]
+            with self._gathered([param for entry in chosen for param in entry.sources]):
                 if self.rank == 0:
-                    yield {name: param.detach().to("cpu", copy=True) for name, param in chosen}
+                    yield {entry.name: _lora.merged_tensor(entry) for entry in chosen}
                 else:
                     yield {}
+
+    def _export_entries(self) -> list[_lora.ExportEntry]:
+        """The exported HF-named tensors: the parameters as they are, or under LoRA the merged weights."""
+        if self.lora is not None:
+            return _lora.export_entries(self.engine.module)
+        return [_lora.ExportEntry(name, (param,)) for name, param in self.engine.module.named_parameters()]
 
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
         """Learner protocol: (name, tensor) pairs, streamed bucket by bucket (see ``export_buckets``)."""
@@ -365,28 +386,44 @@ class DeepSpeedLearner:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def save(self, directory: str) -> None:
-        """Collective. ZeRO state in ``directory/deepspeed/`` + an HF model dir (rank 0) in ``directory``."""
+        """Collective. ZeRO state in ``directory/deepspeed/`` + an HF model dir (rank 0) in ``directory``; under LoRA
+        the HF model is the merged one and the adapter is in ``directory/lora_adapter/``."""
         os.makedirs(directory, exist_ok=True)
         full_state = None
-        if self.zero_stage == 3:
+        if self.zero_stage == 3 or self.lora is not None:
             full_state = {}
             for bucket in self.export_buckets():
                 full_state.update(bucket)
+        adapter = None
+        if self.lora is not None:
+            with self._gathered(_lora.trainable_parameters(self.engine.module)):
+                adapter = _lora.adapter_state(self.engine.module) if self.rank == 0 else None
         if self.rank == 0:
-            self.engine.module.save_pretrained(directory, state_dict=full_state)
+            if self.lora is not None:
+                _lora.save_merged(self.engine.module, directory, full_state)
+                _lora.save_adapter(self.engine.module, directory, adapter)
+            else:
+                self.engine.module.save_pretrained(directory, state_dict=full_state)
             self.tokenizer.save_pretrained(directory)
             meta = {"world_size": self.world_size, "zero_stage": self.zero_stage}
             with open(os.path.join(directory, CHECKPOINT_META_FILE), "w") as handle:
                 json.dump(meta, handle)
         self.engine.save_checkpoint(
-            directory, tag=CHECKPOINT_TAG, client_state={"optimizer_steps": self.optimizer_steps}
+            directory,
+            tag=CHECKPOINT_TAG,
+            client_state={"optimizer_steps": self.optimizer_steps},
+            exclude_frozen_parameters=self.lora is not None,  # the frozen base is the run's model_path
         )
 
     def load(self, directory: str) -> None:
         """Collective. Restore the ZeRO state written by ``save`` (same world_size and zero_stage: the group and
         the trainer call ``check_checkpoint`` first)."""
         path, client_state = self.engine.load_checkpoint(
-            directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            directory,
+            tag=CHECKPOINT_TAG,
+            load_module_strict=self.lora is None,  # a LoRA checkpoint holds the adapter, not the frozen base
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
@@ -415,6 +452,11 @@ def _hf_zero3_config(config: dict):
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(config)
+
+
+def _whole_bytes(param: torch.nn.Parameter) -> int:
+    """Bytes of the whole parameter, also when ZeRO-3 has partitioned it (``ds_numel``)."""
+    return getattr(param, "ds_numel", param.numel()) * param.element_size()
 
 
 def _as_float(value) -> float:

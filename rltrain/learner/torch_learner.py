@@ -10,16 +10,23 @@ function returns contributions already normalised by the optimizer step's global
 A step whose loss or global gradient norm is not finite is skipped whole (``update_is_finite`` in
 rltrain/learner/optim.py): gradients dropped, no optimizer or LR-schedule step, counted in
 ``loss/nonfinite_skipped``. ``grad_clip`` None or 0 means no clipping (``clip_max_norm``).
+
+With ``lora`` (``learner.lora``, rank > 0) the model carries LoRA adapters and only they train
+(rltrain/learner/lora.py): reference logprobs come from the same model with the adapter disabled, exports are
+the merged weights under the base model's HF names, and a checkpoint holds the merged HF model and the adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from rltrain.learner import lora as _lora
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.logprobs import response_hidden_and_probs, sequence_logprobs
 from rltrain.learner.optim import build_optimizer, build_scheduler, clip_max_norm, update_is_finite
@@ -50,6 +57,7 @@ class TorchLearner:
         gradient_checkpointing: bool = False,
         seed: int = 0,
         device: str = "cpu",
+        lora: dict[str, Any] | None = None,
     ):
         from rltrain.models import load_causal_lm, load_tokenizer
 
@@ -59,10 +67,15 @@ class TorchLearner:
         self.tokenizer = load_tokenizer(model_path)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        self.lora = _lora.lora_settings(lora)
+        if self.lora is not None:
+            self.model = _lora.add_adapter(self.model, self.lora, gradient_checkpointing)
+        self.use_reference = use_reference
         self.reference = None
-        if use_reference:
+        if use_reference and self.lora is None:  # under LoRA the reference is the model with its adapter disabled
             self.reference = load_causal_lm(model_path, dtype).to(self.device).eval().requires_grad_(False)
-        self.optimizer = build_optimizer(self.model.parameters(), lr, betas, weight_decay, adam_eps)
+        params = _lora.trainable_parameters(self.model)
+        self.optimizer = build_optimizer(params, lr, betas, weight_decay, adam_eps)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, total_steps, lr_schedule)
         self.max_grad_norm = clip_max_norm(grad_clip)
         self.micro_batch_size = micro_batch_size
@@ -72,13 +85,14 @@ class TorchLearner:
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, reference: bool = False) -> Tensor:
-        model = self.reference if reference else self.model
-        if model is None:
+        if reference and not self.use_reference:
             raise RuntimeError("reference logprobs requested but the learner has no reference model")
+        model = self.reference if self.reference is not None and reference else self.model
         was_training = model.training
         model.eval()
         groups = self._micro_batch_rows(batch)
-        parts = [self._forward(model, batch.select(rows).to(self.device))[0].cpu() for rows in groups]
+        with _lora.adapter_disabled(model) if reference and self.lora is not None else contextlib.nullcontext():
+            parts = [self._forward(model, batch.select(rows).to(self.device))[0].cpu() for rows in groups]
         model.train(was_training)
         logprobs = torch.zeros(batch.response_ids.shape)
         logprobs[torch.tensor([row for rows in groups for row in rows])] = torch.cat(parts)
@@ -172,6 +186,11 @@ class TorchLearner:
         return float(norm), skipped
 
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """HF-named CPU copies of the weights (under LoRA: merged, with the base model's names)."""
+        if self.lora is not None:
+            for entry in _lora.export_entries(self.model):
+                yield entry.name, _lora.merged_tensor(entry)
+            return
         for name, param in self.model.named_parameters():
             yield name, param.detach().to("cpu", copy=True)
 
@@ -179,8 +198,12 @@ class TorchLearner:
         return dict(self.export_weights())
 
     def save(self, directory: str) -> None:
-        """HF model dir (loadable with from_pretrained) + optimizer/scheduler state."""
-        self.model.save_pretrained(directory)
+        """HF model dir (from_pretrained loads it; merged under LoRA, + the adapter) + optimizer/scheduler state."""
+        if self.lora is not None:
+            _lora.save_merged(self.model, directory, self.state_dict_cpu())
+            _lora.save_adapter(self.model, directory)
+        else:
+            self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         state = {
             "optimizer": self.optimizer.state_dict(),
@@ -192,8 +215,11 @@ class TorchLearner:
     def load(self, directory: str) -> None:
         from rltrain.models import load_causal_lm
 
-        loaded = load_causal_lm(directory, str(next(self.model.parameters()).dtype).replace("torch.", ""))
-        self.model.load_state_dict(loaded.state_dict())
+        if self.lora is not None:
+            _lora.load_adapter(self.model, directory)  # the frozen base is the run's model_path, unchanged
+        else:
+            loaded = load_causal_lm(directory, str(next(self.model.parameters()).dtype).replace("torch.", ""))
+            self.model.load_state_dict(loaded.state_dict())
         state = torch.load(os.path.join(directory, LEARNER_STATE_FILE), weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
