@@ -14,6 +14,7 @@ BENCHMARKS = {
     "rollout": "flat vs tree sampling: computed tokens, trajectories/s",
     "export": "peak memory of the DeepSpeed ZeRO-3 weight export, bucketed vs one dict",
     "sync": "seconds per weight sync to the rollout workers: object store vs bucketed broadcast",
+    "step": "seconds per training step and its phases; --peer trl: TRL's GRPOTrainer alongside",
 }
 
 
