@@ -118,6 +118,10 @@ class RolloutConfig:
     weight_sync: str = "auto"
     weight_sync_bucket_mb: int = 256
     weight_sync_timeout_s: float = 600.0
+    # Partial rollouts (trainer.max_staleness >= 1): generate in chunks of partial_chunk_tokens and load newer
+    # weights between chunks, so a long generation does not hold back a weight update (docs/async.md).
+    partial: bool = False
+    partial_chunk_tokens: int = 32
 
 
 @dataclass
@@ -151,6 +155,14 @@ class AlgorithmConfig:
     clip_high: float = 0.2
     clip_c: float | None = None  # dual-clip constant (> 1); None disables
     tis_cap: float | None = None  # truncated importance sampling against rollout logprobs; None disables
+    # Correction for the policy that sampled the tokens (docs/async.md#corrections): auto (tis when tis_cap is set,
+    # else none) | none | tis (min(w, tis_cap)) | mis (w inside [mis_low, mis_high], else the token is dropped) |
+    # decoupled (decoupled PPO: w, tokens above decoupled_cap dropped when it is set); w = pi_old / pi_rollout.
+    correction: str = "auto"
+    correction_level: str = "token"  # token | sequence (one w per trajectory: exp(mean log w), as GSPO)
+    mis_low: float = 0.5
+    mis_high: float = 2.0
+    decoupled_cap: float | None = None
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
@@ -199,6 +211,10 @@ class TrainerConfig:
     # An update whose loss or gradient is not finite is always skipped (weights never become NaN) and counted
     # in loss/nonfinite_skipped; skip: the run goes on | stop: the run stops with an error (exit 1).
     on_nonfinite: str = "skip"
+    # Asynchronous pipeline (docs/async.md): 0 = generate, then train, in turn (on-policy). k >= 1: rollout workers
+    # generate the next batches while the learner trains; a batch is trained at most k policy versions after the
+    # weights that sampled its oldest token.
+    max_staleness: int = 0
     # Eval sets scored at each evaluation (entries as eval.sets; docs/evaluation.md). Empty: the held-out rows,
     # greedy pass@1, logged as eval/accuracy only; set: eval/<name>/pass@k, maj@k, avg@k ... as well.
     eval_sets: list[Any] = field(default_factory=list)
@@ -334,6 +350,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_algorithm(cfg)
     _validate_placement(cfg)
     _validate_packing(cfg)
+    _validate_async(cfg)
     _validate_eval_sets(cfg)
     if not cfg.reward.functions:
         raise ConfigError("reward.functions=[]: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
@@ -367,6 +384,29 @@ def _validate_packing(cfg: DictConfig) -> None:
             f"{key}: must hold the longest sequence, data.max_prompt_tokens={cfg.data.max_prompt_tokens} + "
             f"rollout.max_tokens={cfg.rollout.max_tokens} = {longest}"
         )
+
+
+def _validate_async(cfg: DictConfig) -> None:
+    staleness, rc = cfg.trainer.max_staleness, cfg.rollout
+    if staleness == 0:
+        if rc.partial:
+            raise ConfigError(
+                "rollout.partial=True: loads weights during generation, so it needs trainer.max_staleness >= 1"
+            )
+        return
+    key = setting("trainer.max_staleness", staleness)
+    if rc.weight_sync == "collective":
+        raise ConfigError(
+            f"{key}: the pipeline loads published weights while the learner trains on, which a broadcast (it needs the "
+            "learner's rank) cannot do; use rollout.weight_sync=object_store or auto"
+        )
+    if cfg.cluster.placement == "colocated" and cfg.cluster.num_gpus > 0:
+        raise ConfigError(
+            f"{key}: colocated engines sleep while the learner uses their GPU, so nothing overlaps; use "
+            "cluster.placement=disaggregated or trainer.max_staleness=0"
+        )
+    if rc.partial and rc.sampler == "tree":
+        raise ConfigError("rollout.partial=True: flat sampler only (a tree's segments already end between calls)")
 
 
 def _validate_placement(cfg: DictConfig) -> None:

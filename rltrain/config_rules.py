@@ -99,6 +99,8 @@ RULES: dict[str, Rule] = {
     "learner.world_size": _COUNT,
     "learner.export_bucket_mb": _COUNT,
     "trainer.steps": _COUNT,
+    "trainer.max_staleness": Rule("must be >= 0 (0: synchronous, on-policy)", lambda v: v >= 0),
+    "rollout.partial_chunk_tokens": _COUNT,
     "trainer.prompts_per_step": _COUNT,
     "trainer.eval_every": Rule("must be >= 0 (0: evaluate before and after training only)", lambda v: v >= 0),
     "trainer.save_every": _COUNT,

@@ -3,6 +3,7 @@ runtime, run the loop, save; stop cleanly on SIGTERM / SIGINT (rltrain/run_contr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -72,8 +73,10 @@ def _run(cfg: DictConfig, run_dir: str, signals: StopSignals, progress: Progress
         total_optimizer_steps = cfg.trainer.steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches
         runtime = Runtime(cfg, prep.model_path, total_optimizer_steps)
         signals.install()  # after ray.init, whose SIGTERM handler would abort the driver
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(runtime.shutdown)
             trainer = Trainer(cfg, prep, runtime)
+            stack.callback(trainer.close)  # the rollout pipeline's thread stops before the actors do
             summary = _restore(trainer, runtime, resume)
             tracker = Tracker(
                 run_dir,
@@ -86,8 +89,6 @@ def _run(cfg: DictConfig, run_dir: str, signals: StopSignals, progress: Progress
                 run_name=cfg.run.name,
             )
             return loop(cfg, trainer, tracker, run_dir, resume.step, summary, signals=signals, progress=progress)
-        finally:
-            runtime.shutdown()
 
 
 def run_fingerprint(cfg: DictConfig, prep: Prepared) -> dict[str, str]:

@@ -9,7 +9,6 @@ bucketed broadcast in a torch.distributed group of the learner's rank 0 and the 
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -20,8 +19,6 @@ from rltrain.dist.groups import (
     RolloutGroup,
     TorchLearnerGroup,
     create_reward_worker,
-    get_named,
-    naming_dead_actors,
     reason_of,
     start_ray,
     stop_ray,
@@ -35,21 +32,13 @@ from rltrain.dist.placement import (
     release,
     reserve,
 )
+from rltrain.dist.syncer import WeightSync, resolve_weight_sync
 from rltrain.errors import RunError
 from rltrain.learner.base import LossFn
 from rltrain.progress_log import plain_ray_logs
 from rltrain.types import GenRequest, GenResult, RolloutBatch, SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-def resolve_weight_sync(mode: str, cluster_gpus: float, placement: str, tensor_parallel_size: int) -> str:
-    """``rollout.weight_sync`` -> object_store | collective. ``auto`` broadcasts between GPUs of a disaggregated
-    placement with one GPU per engine; elsewhere it keeps the object store, which needs no extra group."""
-    if mode != "auto":
-        return mode
-    use_collective = cluster_gpus > 0 and placement == "disaggregated" and tensor_parallel_size == 1
-    return "collective" if use_collective else "object_store"
 
 
 def _cluster_gpus() -> float:
@@ -180,12 +169,10 @@ class Runtime:
             learner_options(cfg, total_optimizer_steps),
             [actor_options(self.placement_group, slot) for slot in plan.learner],
         )
-        self.sync_cfg = cfg.rollout
-        self.weight_sync = resolve_weight_sync(
+        mode = resolve_weight_sync(
             cfg.rollout.weight_sync, self.cluster_gpus, cfg.cluster.placement, cfg.rollout.tensor_parallel_size
         )
-        self.sync_fallbacks = 0
-        self._sync_group_replacements: int | None = None  # rollout.replacements when the group was opened
+        self.weight_sync = WeightSync(self.learner, self.rollout, cfg.rollout, mode)
 
     def _reserve(self, cfg: DictConfig) -> tuple[Any, PlacementPlan]:
         """The run's placement group, or ConfigError (Ray stopped if this run started it) when the cluster
@@ -266,72 +253,17 @@ class Runtime:
         return self.learner.forward_extras(batch, extras_fn)
 
     def sync_weights(self, version: int) -> dict[str, float]:
-        """Learner → rollout workers as policy ``version``; every worker must report it back. Returns metrics.
-
-        A collective sync that fails (a worker died mid-broadcast, a timeout) is counted in
-        ``rollout/weight_sync_fallbacks``, logged, and redone through the object store, which also replaces
-        dead workers; the sync group is rebuilt before the next sync. A dead learner is a RunError naming it.
-        """
-        start = time.time()
+        """Learner → rollout workers as policy ``version``, waiting for every worker (rltrain/dist/syncer.py)."""
         self.set_rollout_awake(True)
-        metrics: dict[str, float] = {}
-        versions = None
-        if self.weight_sync == "collective":
-            try:
-                versions, sent = self._broadcast_weights(version)
-                metrics["perf/weight_sync_mb"] = sent.get("bytes", 0) / 2**20
-            except Exception as exc:  # noqa: BLE001 - any failure of the group falls back; the cause is logged
-                self.sync_fallbacks += 1
-                log.warning("collective weight sync of version %d failed (%s); using the object store", version, exc)
-                self._close_sync_group()
-            metrics["rollout/weight_sync_fallbacks"] = self.sync_fallbacks
-        if versions is None:
-            # The rollout workers resolve the learner's export themselves: its death reaches us through them.
-            with naming_dead_actors(self.learner.labels, "weight sync"):
-                versions = self.rollout.load_weights(self.learner.export_weights_ref(), version)
-        if any(v != version for v in versions):
-            raise RuntimeError(f"weight sync: rollout workers report versions {versions}, expected {version}")
-        metrics["perf/weight_sync_s"] = time.time() - start
-        return metrics
+        return self.weight_sync.sync(version)
 
-    def _broadcast_weights(self, version: int) -> tuple[list[int], dict[str, int]]:
-        """One collective sync (opening the group first if needed); returns worker versions and the sender's stats."""
-        if self._sync_group_replacements != self.rollout.replacements:
-            self._open_sync_group()
-        sender = self.learner.broadcast_weights_refs(self.sync_cfg.weight_sync_bucket_mb)
-        receivers = self.rollout.receive_weights_refs(version)
-        results = get_named(sender + receivers, self.learner.labels, "weight sync")
-        # A worker replaced later (mid-generate) fetches these weights from the learner on demand.
-        self.rollout.remember_weights(self.learner.export_weights_ref, version)
-        return results[len(sender) :], results[0]
+    def publish_weights(self, version: int) -> None:
+        """Offer the learner's current weights as ``version`` to the rollout thread (asynchronous pipeline)."""
+        self.weight_sync.publish(version)
 
-    def _open_sync_group(self) -> None:
-        """(Re)build the group: the learner's sender is rank 0, rollout worker i is rank 1 + i."""
-        self._close_sync_group()
-        sender = self.learner.sync_sender()
-        timeout = self.sync_cfg.weight_sync_timeout_s
-        what = "weight-sync group set-up"
-        address = get_named([sender.weight_sync_address.remote()], self.learner.labels, what, timeout_s=timeout)[0]
-        backend = "nccl" if self.learner.use_gpu else "gloo"
-        world_size = 1 + len(self.rollout.workers)
-        refs = [sender.open_weight_sync.remote(address, world_size, backend, timeout)]
-        refs += self.rollout.open_weight_sync_refs(address, backend, timeout)
-        # Each member's store and group creation fail after ``timeout``; the margin covers queueing behind them.
-        get_named(refs, self.learner.labels, what, timeout_s=2 * timeout + 30)
-        self._sync_group_replacements = self.rollout.replacements
-        log.info("weight-sync group open: %d ranks over %s at %s:%d", world_size, backend, *address)
-
-    def _close_sync_group(self) -> None:
-        import ray
-
-        if self._sync_group_replacements is None:
-            return
-        self._sync_group_replacements = None
-        self.rollout.close_weight_sync()
-        try:
-            ray.get(self.learner.sync_sender().close_weight_sync.remote(), timeout=30)
-        except ray.exceptions.RayError as exc:
-            log.info("closing the learner's end of the weight-sync group: %s", exc)
+    def load_latest_weights(self) -> dict[str, float]:
+        """Load the newest published weights into the rollout workers when newer than theirs (rollout thread)."""
+        return self.weight_sync.load_latest()
 
     def save(self, directory: str) -> None:
         self.learner.save(directory)

@@ -20,11 +20,13 @@ from torch import Tensor
 
 from rltrain import algo
 from rltrain.algo.kl import kl_token_penalty
+from rltrain.algo.losses import LOGPROB_DIFF
 from rltrain.components import build_loss_fn, sampling_params, tree_sampler_settings
 from rltrain.config import ConfigError
 from rltrain.errors import RunError
 from rltrain.eval.run import correctness, evaluate_policy
 from rltrain.metrics import LAST, MAX, MEAN, SUM, Metric, reduce_metrics, tagged
+from rltrain.pipeline import RolloutPipeline, staleness_filter
 from rltrain.prepare import Prepared
 from rltrain.runtime import Runtime
 from rltrain.sampling.flat import FlatSampler
@@ -120,16 +122,25 @@ class Trainer:
             [{"index": i} for i in range(len(prep.train_rows))], cfg.trainer.prompts_per_step, cfg.data.seed
         )
         self.next_group_id = 0
+        self.consumed_state: dict | None = None  # the loop state after the last trained batch (pipeline only)
+        self._pipeline: RolloutPipeline | None = None
+        self.version = 0  # the learner's policy version: optimizer steps' batches trained (the last step)
 
     # ---- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The loop's resumable position, plain types only: the prompt stream and the next group id."""
+        """The loop's resumable position, plain types only: the prompt stream and the next group id after the last
+        trained batch (batches the rollout pipeline drew ahead are drawn again after a resume)."""
+        return dict(self.consumed_state) if self.consumed_state is not None else self._live_state()
+
+    def _live_state(self) -> dict:
         return {"stream": self.stream.state_dict(), "next_group_id": self.next_group_id}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a ``state_dict()`` (also accepts a whole checkpoint state holding those keys)."""
         self.stream.load_state_dict(state["stream"])
         self.next_group_id = int(state["next_group_id"])
+        self.consumed_state = None
+        self.version = int(state.get("step", self.version))
 
     # ---- rollout ----------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, Metric]]:
@@ -148,7 +159,6 @@ class Trainer:
             [prep.train_prompts[indices[i]] for i in traj.prompt_index],
             traj.results,
             groups,
-            policy_version=step - 1,
             prefixes=traj.prefixes or None,
             prefix_logprobs=traj.prefix_logprobs or None,
             ancestors=traj.ancestors,
@@ -201,25 +211,100 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
+        """Collect (or, with ``trainer.max_staleness`` >= 1, take from the rollout pipeline) a batch, train on it,
+        and hand the new weights to the rollout workers as policy version ``step``."""
         start = time.time()
-        batch, metrics = self.collect(step)
+        if self.cfg.trainer.max_staleness == 0:
+            batch, metrics = self.collect(step)
+            metrics.update(self.learn(batch, step))
+            metrics.update(self.runtime.sync_weights(step))
+        else:
+            produced = self.pipeline(step).next_batch(step)
+            self.consumed_state = produced.state
+            metrics = {**produced.metrics, **self.learn(produced.batch, step)}
+            self.runtime.publish_weights(step)
+            self.pipeline(step).published(step)
+        self.version = step
+        metrics["perf/step_time_s"] = time.time() - start
+        return metrics
+
+    def learn(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+        """Old / reference logprobs, advantages and the optimizer steps on ``batch`` at learner version ``step - 1``.
+
+        The separate old-logprob forward is skipped where it would equal the training forward (one optimizer step,
+        no KL in the reward): the loss then takes the old logprobs from its own forward (the ratio is 1) and
+        measures ``rollout/logprob_diff`` there. The diff is checked against the limits on on-policy batches (every
+        step of the synchronous loop); a batch sampled by older weights reports ``rollout/offpolicy_logprob_diff``.
+        """
+        version, metrics = step - 1, {}
+        if self.cfg.trainer.max_staleness:
+            batch, metrics = staleness_filter(batch, version, self.cfg.trainer.max_staleness)
+            if batch is None:
+                log.warning("step %d: every group was sampled more than max_staleness versions ago; not trained", step)
+                return metrics
         metrics.update(batch_metrics(batch))
+        on_policy = self.cfg.trainer.max_staleness == 0 or bool(
+            (batch.token_version[batch.response_mask > 0] == version).all()
+        )
+        diff_key = LOGPROB_DIFF if on_policy else "rollout/offpolicy_logprob_diff"
         t0 = time.time()
-        old = self.runtime.logprobs(batch)
-        mask = batch.response_mask
-        diff = float(((old - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
-        metrics["rollout/logprob_diff"] = diff
-        self.check_logprob_diff(diff)
+        old = None
+        if not self.reuses_train_forward:
+            old = self.runtime.logprobs(batch)
+            mask = batch.response_mask
+            metrics[diff_key] = float(((old - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
+            if on_policy:
+                self.check_logprob_diff(metrics[diff_key])
         ref = self.runtime.logprobs(batch, reference=True) if self.cfg.learner.use_reference else None
         batch, advantage_metrics = self.advantages(batch.replace(old_logprobs=old, ref_logprobs=ref))
         metrics.update(advantage_metrics)
         metrics["perf/logprobs_s"] = time.time() - t0
         t0 = time.time()
-        metrics.update(self.train(batch, step))
+        trained = self.train(batch, step)
         metrics["perf/train_s"] = time.time() - t0
-        metrics.update(self.runtime.sync_weights(step))
-        metrics["perf/step_time_s"] = time.time() - start
+        if self.reuses_train_forward:
+            metrics[diff_key] = trained.pop(LOGPROB_DIFF)
+            if on_policy:
+                self.check_logprob_diff(metrics[diff_key])
+        metrics.update(trained)
         return metrics
+
+    @property
+    def reuses_train_forward(self) -> bool:
+        """Whether the training forward gives the old logprobs: one optimizer step per batch (its weights are the
+        old policy) and nothing needs them before training (KL in the reward)."""
+        ac = self.cfg.algorithm
+        return ac.epochs == 1 and ac.mini_batches == 1 and not (ac.kl_in_reward and ac.kl_coef > 0)
+
+    # ---- the asynchronous pipeline ------------------------------------------------------------
+    def pipeline(self, step: int) -> RolloutPipeline:
+        """The rollout pipeline, started at the first asynchronous step (after a resume: at the resumed step)."""
+        if self._pipeline is None:
+            if getattr(self.runtime, "sleeps", False):
+                raise ConfigError(
+                    f"trainer.max_staleness={self.cfg.trainer.max_staleness}: the rollout engines share the "
+                    "learner's GPUs and sleep while it trains; use cluster.placement=disaggregated"
+                )
+            self._pipeline = RolloutPipeline(
+                self._produce,
+                self.runtime.load_latest_weights,
+                start_step=step - 1,
+                last_step=self.cfg.trainer.steps,
+                max_staleness=self.cfg.trainer.max_staleness,
+            )
+        return self._pipeline
+
+    def _produce(self, step: int) -> tuple[RolloutBatch, dict[str, float], dict]:
+        """The rollout thread's work for ``step``: its batch, metrics and the loop state right after it."""
+        start = time.time()
+        batch, metrics = self.collect(step)
+        metrics["perf/generation_batch_s"] = time.time() - start
+        return batch, metrics, self._live_state()
+
+    def close(self) -> None:
+        """Stop the rollout pipeline's thread (after the batch it is on)."""
+        if self._pipeline is not None:
+            self._pipeline.close()
 
     def advantages(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
         """KL in the reward, advantages, the overlong filter, THR extras.
@@ -282,5 +367,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The current policy on the eval sets (``trainer.eval_sets``; docs/evaluation.md), via the rollout and
-        reward workers."""
+        reward workers; with the rollout pipeline, its thread parks meanwhile and the workers get the learner's
+        weights."""
+        if self._pipeline is None:
+            return self._evaluate()
+        with self._pipeline.paused():
+            self.runtime.sync_weights(self.version)
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         return evaluate_policy(self.cfg, self.prep, self.runtime.generate, self.runtime.grade)

@@ -122,20 +122,31 @@ class TokenStats:
 
 @dataclass(frozen=True)
 class GenResult:
-    """One sampled continuation: new token ids, their logprobs, why it stopped, token accounting.
+    """One sampled continuation: new token ids, their logprobs, why it stopped, token accounting, and the
+    policy version(s) of the weights that sampled it.
 
     ``stats`` of the ``n`` results of one request are attributed to the first result only (the others
-    carry zeros) so that summing over results never double counts a shared prefill.
+    carry zeros) so that summing over results never double counts a shared prefill. ``policy_version`` is the
+    engine's weights version when it sampled the first token; ``token_versions`` (one per token) is set only when
+    the weights changed during the continuation (partial rollouts, rltrain/rollout/partial.py), else empty.
     """
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish_reason: FinishReason
     stats: TokenStats = field(default_factory=TokenStats)
+    policy_version: int = 0
+    token_versions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError(f"GenResult has {len(self.token_ids)} tokens but {len(self.logprobs)} logprobs")
+        if self.token_versions and len(self.token_versions) != len(self.token_ids):
+            raise ValueError(f"GenResult has {len(self.token_ids)} tokens but {len(self.token_versions)} versions")
+
+    def versions(self) -> tuple[int, ...]:
+        """The policy version of each token."""
+        return self.token_versions or (self.policy_version,) * len(self.token_ids)
 
 
 # Field roles drive generic pad / concat / select: "prompt" fields are [B,P] left-padded, "token"
@@ -147,6 +158,7 @@ _FIELD_ROLES: dict[str, str] = {
     "response_mask": "token",
     "rollout_logprobs": "token",
     "old_logprobs": "token",
+    "token_version": "token",
     "ref_logprobs": "token",
     "advantages": "token",
     "group": "seq",
@@ -166,7 +178,8 @@ class RolloutBatch:
                   response_ids [B,T] long, response_mask [B,T] float (1 = trained-on token),
                   rollout_logprobs [B,T] float, group [B] long (prompt id), ancestors [B,D] long | None
                   (segment id at each depth, -1 past the leaf), finish_reason [B] long (FinishReason),
-                  policy_version [B] long
+                  policy_version [B] long (the oldest weights version among the row's tokens),
+                  token_version [B,T] long | None (the weights version that sampled each token; 0 past the end)
     reward:       rewards [B] float, reward_parts {name: [B] float}
     learner prep: old_logprobs [B,T], ref_logprobs [B,T] | None
     advantage:    advantages [B,T]
@@ -182,6 +195,7 @@ class RolloutBatch:
     finish_reason: Tensor
     policy_version: Tensor
     ancestors: Tensor | None = None
+    token_version: Tensor | None = None
     rewards: Tensor | None = None
     reward_parts: dict[str, Tensor] = field(default_factory=dict)
     old_logprobs: Tensor | None = None
@@ -218,7 +232,15 @@ class RolloutBatch:
                     raise ValueError(f"{name} must be [B={b},D], got {tuple(value.shape)}")
             elif tuple(value.shape) != expected[role]:
                 raise ValueError(f"{name} must have shape {expected[role]}, got {tuple(value.shape)}")
-        for name in ("prompt_ids", "response_ids", "group", "finish_reason", "policy_version", "ancestors"):
+        for name in (
+            "prompt_ids",
+            "response_ids",
+            "group",
+            "finish_reason",
+            "policy_version",
+            "ancestors",
+            "token_version",
+        ):
             value = getattr(self, name)
             if value is not None and value.dtype != torch.long:
                 raise ValueError(f"{name} must be torch.long, got {value.dtype}")
@@ -301,7 +323,7 @@ def build_rollout_batch(
     prompts: Sequence[Sequence[int]],
     results: Sequence[GenResult],
     group: Sequence[int],
-    policy_version: int | Sequence[int],
+    policy_version: int | None = None,
     prefixes: Sequence[Sequence[int]] | None = None,
     prefix_logprobs: Sequence[Sequence[float]] | None = None,
     ancestors: Tensor | None = None,
@@ -309,7 +331,10 @@ def build_rollout_batch(
     """Pad per-trajectory python lists into a RolloutBatch.
 
     ``prompts[i]`` is the prompt of trajectory i; its response is ``prefixes[i] + results[i].token_ids``
-    (a tree path's earlier segments form the prefix). ``policy_version`` is one int or one per row.
+    (a tree path's earlier segments form the prefix, sampled under the same weights as the leaf: the pipeline
+    loads new weights only between sampler calls). Token versions come from the results (``GenResult.versions``)
+    unless ``policy_version`` gives one for every token (hand-made batches: SFT, checks); a row's
+    ``policy_version`` is its oldest token's.
     """
     n = len(results)
     if not (len(prompts) == len(group) == n):
@@ -334,7 +359,18 @@ def build_rollout_batch(
             response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             response_mask[i, : len(r)] = 1
             rollout_logprobs[i, : len(r)] = torch.tensor(logprobs[i], dtype=torch.float32)
-    versions = [policy_version] * n if isinstance(policy_version, int) else list(policy_version)
+    token_versions = [
+        [policy_version] * len(responses[i])
+        if policy_version is not None
+        else [results[i].policy_version] * len(prefixes[i]) + list(results[i].versions())
+        for i in range(n)
+    ]
+    token_version = torch.zeros(n, t_len, dtype=torch.long)
+    for i, row in enumerate(token_versions):
+        if row:
+            token_version[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    fallback = [results[i].policy_version if policy_version is None else policy_version for i in range(n)]
+    versions = [min(row) if row else fallback[i] for i, row in enumerate(token_versions)]
     return RolloutBatch(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -345,4 +381,5 @@ def build_rollout_batch(
         finish_reason=torch.tensor([int(r.finish_reason) for r in results], dtype=torch.long),
         policy_version=torch.tensor(versions, dtype=torch.long),
         ancestors=ancestors,
+        token_version=token_version,
     )

@@ -2,11 +2,12 @@
 
 Per-token surrogates are registered under kind ``policy_loss`` with the signature
 ``fn(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, clip_c) -> Surrogate`` (all [b,T]).
-``make_loss_fn`` combines a surrogate, an aggregation mode (``rltrain.algo.aggregation``), optional TIS
-weights, KL and entropy terms and THR reweighting into a ``LossFn`` (rltrain/learner/base.py): it returns
-this micro-batch's contribution to the optimizer-step loss, normalised by the step's global counts.
+``make_loss_fn`` combines a surrogate, an aggregation mode (``rltrain.algo.aggregation``), optional behaviour
+importance weights (TIS / MIS / decoupled PPO, ``BehaviourCorrection``), KL and entropy terms and THR reweighting
+into a ``LossFn`` (rltrain/learner/base.py): it returns this micro-batch's contribution to the optimizer-step loss,
+normalised by the step's global counts.
 
-loss = agg(w_tis * surrogate) + kl_coef * agg(kl(logprobs, ref_logprobs)) - entropy_coef * agg(entropy)
+loss = agg(w_is * surrogate) + kl_coef * agg(kl(logprobs, ref_logprobs)) - entropy_coef * agg(entropy)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rltrain.types import RolloutBatch
 
 _LOG_RATIO_CLAMP = 20.0  # verl: keeps exp() finite for wildly off-policy tokens
 _GSPO_LOG_RATIO_MAX = 10.0  # verl gspo: clamp of the sequence log-ratio
+LOGPROB_DIFF = "rollout/logprob_diff"  # mean |learner logprob - rollout logprob| over the batch's tokens
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,60 @@ def _refuse_dual_clip(policy_loss: str, clip_c: float | None) -> None:
         )
 
 
+CORRECTIONS = ("none", "tis", "mis", "decoupled")
+CORRECTION_LEVELS = ("token", "sequence")
+
+
+@dataclass(frozen=True)
+class BehaviourCorrection:
+    """How the loss corrects for the behaviour policy that sampled the tokens (docs/async.md#corrections).
+
+    With w = pi_old / pi_behaviour (``old_logprobs``: the learner's proximal policy; ``rollout_logprobs``: the
+    engine's, possibly an older weights version), each token's surrogate is multiplied by:
+    none: 1 | tis: min(w, cap) (truncated IS) | mis: w if low <= w <= high else 0 (masked IS / token rejection,
+    ICEPOP) | decoupled: w, 0 where w > cap when a cap is set (decoupled PPO, AReaL). ``level=sequence`` uses one
+    w per trajectory, exp(mean_t log w_t) (the length-normalised ratio of GSPO), and keeps or drops whole rows.
+    """
+
+    kind: str = "none"
+    level: str = "token"
+    cap: float | None = None
+    low: float = 0.5
+    high: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in CORRECTIONS:
+            raise ValueError(f"correction {self.kind!r}: must be one of {list(CORRECTIONS)}")
+        if self.level not in CORRECTION_LEVELS:
+            raise ValueError(f"correction_level {self.level!r}: must be one of {list(CORRECTION_LEVELS)}")
+        if self.kind == "tis" and self.cap is None:
+            raise ValueError("correction 'tis' needs tis_cap > 0, e.g. 2.0")
+        if self.cap is not None and self.cap <= 0:
+            raise ValueError(f"tis_cap must be > 0, got {self.cap}")
+        if self.kind == "mis" and not 0 <= self.low < 1 < self.high:
+            raise ValueError(f"mis bounds must satisfy 0 <= mis_low < 1 < mis_high, got [{self.low}, {self.high}]")
+
+    def weights(self, old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token weights [b,T] (detached) and where the cap or the mask changed w [b,T] bool."""
+        log_w = (old_logprobs - rollout_logprobs).detach().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        if self.level == "sequence":
+            mean = (log_w * mask).sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+            log_w = mean.expand_as(log_w)
+        w = log_w.exp()
+        if self.kind == "none":
+            return torch.ones_like(w), torch.zeros_like(w, dtype=torch.bool)
+        if self.kind == "tis":
+            return w.clamp(max=self.cap), w > self.cap
+        if self.kind == "mis":
+            rejected = (w < self.low) | (w > self.high)
+        else:
+            rejected = w > self.cap if self.cap is not None else torch.zeros_like(w, dtype=torch.bool)
+        return w.masked_fill(rejected, 0.0), rejected
+
+
 def tis_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, cap: float) -> tuple[Tensor, Tensor]:
     """Truncated importance weights min(exp(logp_old - logp_rollout), cap), detached, and where the cap bit; [b,T]."""
-    raw = (old_logprobs - rollout_logprobs).detach().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP).exp()
-    return raw.clamp(max=cap), raw > cap
+    return BehaviourCorrection("tis", cap=cap).weights(old_logprobs, rollout_logprobs, torch.ones_like(old_logprobs))
 
 
 @dataclass(frozen=True)
@@ -118,7 +170,7 @@ class PolicyLoss:
     clip_low: float = 0.2
     clip_high: float = 0.2
     clip_c: float | None = None
-    tis_cap: float | None = None
+    correction: BehaviourCorrection = field(default_factory=BehaviourCorrection)
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
@@ -149,6 +201,12 @@ class PolicyLoss:
 
         advantages = micro.advantages
         metrics: dict[str, float] = {}
+        # No separate old-logprob forward (one optimizer step over an on-policy batch): the old policy is this
+        # forward's, so the ratio is exactly 1, and the rollout check is measured here.
+        old_logprobs = micro.old_logprobs
+        if old_logprobs is None:
+            old_logprobs = logprobs.detach()
+            metrics[LOGPROB_DIFF] = token_mean((old_logprobs - micro.rollout_logprobs).abs(), mask, norm).item()
         if self.thr:
             reweighted = thr_lib.reweight_from_extras(advantages, micro.extras, **self.thr)
             changed = (reweighted != advantages.expand_as(reweighted)).to(mask.dtype)
@@ -156,7 +214,7 @@ class PolicyLoss:
             advantages = reweighted
         surrogate = self._surrogate_fn(
             logprobs,
-            micro.old_logprobs,
+            old_logprobs,
             advantages,
             mask,
             clip_low=self.clip_low,
@@ -164,15 +222,17 @@ class PolicyLoss:
             clip_c=self.clip_c,
         )
         per_token = surrogate.loss
-        if self.tis_cap is not None:
-            weights, capped = tis_weights(micro.old_logprobs, micro.rollout_logprobs, self.tis_cap)
+        if self.correction.kind != "none":
+            weights, changed = self.correction.weights(old_logprobs, micro.rollout_logprobs, mask)
             per_token = per_token * weights
-            metrics["loss/tis_clipfrac"] = token_mean(capped.to(mask.dtype), mask, norm).item()
+            changed_key = "loss/tis_clipfrac" if self.correction.kind == "tis" else "loss/is_masked_frac"
+            metrics[changed_key] = token_mean(changed.to(mask.dtype), mask, norm).item()
+            metrics["loss/is_weight_mean"] = token_mean(weights, mask, norm).item()
         loss = aggregate(per_token)
         metrics["loss/policy"] = loss.item()
         metrics["loss/clipfrac"] = token_mean(surrogate.clipped.to(mask.dtype), mask, norm).item()
         metrics["loss/clipfrac_lower"] = token_mean(surrogate.dual_clipped.to(mask.dtype), mask, norm).item()
-        metrics["loss/approx_kl"] = token_mean((micro.old_logprobs - logprobs).detach(), mask, norm).item()
+        metrics["loss/approx_kl"] = token_mean((old_logprobs - logprobs).detach(), mask, norm).item()
         if self.kl_coef != 0:
             kl = aggregate(self._kl_fn(logprobs, micro.ref_logprobs))
             loss = loss + self.kl_coef * kl
@@ -188,7 +248,7 @@ class PolicyLoss:
 def _check_micro(logprobs: Tensor, micro: RolloutBatch, need_ref: bool) -> None:
     if logprobs.shape != micro.response_ids.shape:
         raise ValueError(f"logprobs shape {tuple(logprobs.shape)} != response_ids {tuple(micro.response_ids.shape)}")
-    missing = [name for name in ("old_logprobs", "advantages") if getattr(micro, name) is None]
+    missing = ["advantages"] if micro.advantages is None else []
     if need_ref and micro.ref_logprobs is None:
         missing.append("ref_logprobs (kl_coef != 0 needs learner.use_reference=true)")
     if missing:
@@ -204,6 +264,11 @@ def make_loss_fn(
     clip_high: float = 0.2,
     clip_c: float | None = None,
     tis_cap: float | None = None,
+    correction: str = "auto",
+    correction_level: str = "token",
+    mis_low: float = 0.5,
+    mis_high: float = 2.0,
+    decoupled_cap: float | None = None,
     entropy_coef: float = 0.0,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
@@ -211,6 +276,7 @@ def make_loss_fn(
 ) -> PolicyLoss:
     """Validate the options (unknown names, out-of-range values raise ValueError) and build the LossFn.
 
+    ``correction``: ``BehaviourCorrection.kind``; ``auto`` is ``tis`` when ``tis_cap`` is set, else ``none``.
     ``thr``: THR token reweighting options (``rltrain.algo.thr.reweight`` keywords); empty/None disables.
     """
     if not 0 <= clip_low < 1 or clip_high < 0:
@@ -219,8 +285,17 @@ def make_loss_fn(
         raise ValueError(f"clip_c (dual clip) must be > 1, got {clip_c}")
     if policy_loss == "gspo":
         _refuse_dual_clip(policy_loss, clip_c)
-    if tis_cap is not None and tis_cap <= 0:
-        raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
+    if correction == "auto":
+        correction = "tis" if tis_cap is not None else "none"
+    if decoupled_cap is not None and decoupled_cap <= 0:
+        raise ValueError(f"decoupled_cap must be > 0, got {decoupled_cap}")
+    behaviour = BehaviourCorrection(
+        kind=correction,
+        level=correction_level,
+        cap=decoupled_cap if correction == "decoupled" else tis_cap,
+        low=mis_low,
+        high=mis_high,
+    )
     if loss_agg == "seq_mean_token_sum_norm" and (loss_agg_constant is None or loss_agg_constant <= 0):
         raise ValueError(
             "loss_agg=seq_mean_token_sum_norm needs loss_agg_constant > 0 (Dr.GRPO's C, e.g. rollout.max_tokens), "
@@ -236,7 +311,7 @@ def make_loss_fn(
         clip_low=clip_low,
         clip_high=clip_high,
         clip_c=clip_c,
-        tis_cap=tis_cap,
+        correction=behaviour,
         entropy_coef=entropy_coef,
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -34,3 +35,8 @@ def total_stats(results: Iterable[Sequence[GenResult]]) -> TokenStats:
         for result in per_request:
             total = total + result.stats
     return total
+
+
+def with_version(outputs: list[list[GenResult]], version: int) -> list[list[GenResult]]:
+    """``outputs`` with every result's ``policy_version`` set: how an engine reports the weights it sampled under."""
+    return [[dataclasses.replace(result, policy_version=version) for result in group] for group in outputs]

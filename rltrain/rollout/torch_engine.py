@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from rltrain.rollout.base import with_version
 from rltrain.rollout.sampling_ops import left_pad, sample_next_tokens
 from rltrain.types import FinishReason, GenRequest, GenResult, SamplingParams, TokenStats
 
@@ -88,7 +89,7 @@ class TorchGenerator:
         mask = mask.repeat_interleave(repeats, dim=0)
         next_pos = positions[:, -1].repeat_interleave(repeats, dim=0) + 1
         tokens, logprobs, reasons, *_ = self._decode(cache, logits, mask, next_pos, params, generator)
-        return self._package(requests, contexts, tokens, logprobs, reasons)
+        return with_version(self._package(requests, contexts, tokens, logprobs, reasons), self._version)
 
     def _decode(self, cache, logits, mask, next_pos, params, generator):
         """Sample until every row stops.

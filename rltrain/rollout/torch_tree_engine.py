@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from rltrain.rollout.base import with_version
 from rltrain.rollout.sampling_ops import left_pad
 from rltrain.rollout.torch_engine import TorchGenerator
 from rltrain.types import FinishReason, GenRequest, GenResult, SamplingParams, TokenStats
@@ -175,7 +176,8 @@ class TorchTreeGenerator(TorchGenerator):
         row_context = [c for c, r in zip(contexts, requests) for _ in range(r.n)]
         self._keep(cache, live, mask, row_context, tokens, reasons)
         self._used.update(contexts[i][:-1] for i in cont)
-        return self._package_stats(requests, [f is not None for f in found], contexts, tokens, logprobs, reasons)
+        outputs = self._package_stats(requests, [f is not None for f in found], contexts, tokens, logprobs, reasons)
+        return with_version(outputs, self.policy_version)
 
     def _continue(self, sources: list[tuple[KeptRows, int]], last_tokens: list[int]):
         """Feed one token to kept rows -> (layers, mask, last logits [N,V], next positions [N])."""

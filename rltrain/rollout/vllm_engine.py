@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
+from rltrain.rollout.base import with_version
 from rltrain.types import FinishReason, GenRequest, GenResult, SamplingParams, TokenStats
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class VLLMGenerator:
                 prompts.append(prompt)
                 per_sample_params.append(to_vllm_sampling_params(request_params, seed))
         outputs = self._llm.generate(prompts, per_sample_params, use_tqdm=False)
-        return _group_results(requests, outputs)
+        return with_version(_group_results(requests, outputs), self._version)
 
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, ...]]:
         """Logprob of each ``continuation`` token given ``context`` and the continuation before it, for each

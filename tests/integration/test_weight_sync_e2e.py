@@ -28,7 +28,7 @@ def trainer(tmp_path_factory):
 
 
 def test_a_step_syncs_by_broadcast_and_the_engines_match_the_learner(trainer):
-    assert trainer.runtime.weight_sync == "collective"
+    assert trainer.runtime.weight_sync.mode == "collective"
     metrics = trainer.step(1)
     assert worker_versions(trainer.runtime) == [1, 1]
     assert metrics["rollout/weight_sync_fallbacks"] == 0

@@ -10,6 +10,7 @@ that report a skipped non-finite update.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -65,12 +66,19 @@ class FakeRuntime:
     grade_calls: int = 0
     train_batches: list[RolloutBatch] = field(default_factory=list)
     synced: list[int] = field(default_factory=list)
+    version: int = 0  # the engine's weights version, stamped on every result
+    published: list[int] = field(default_factory=list)
+    generate_delay_s: Callable[[int], float] | None = None  # seconds a generate call takes, by call number
+    train_delay_s: Callable[[int], float] | None = None  # seconds a train_step takes, by call number
 
     def wanted_length(self, request: GenRequest, sample: int, seed: int | None) -> int:
         key = f"{request.prompt_ids}|{request.prefix_ids}|{sample}|{seed}"
         return len(request.prefix_ids) + random.Random(key).randint(1, self.max_len)
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
+        version = self.version
+        if self.generate_delay_s is not None:
+            time.sleep(self.generate_delay_s(len(self.requests)))
         self.requests.append(list(requests))
         outputs = []
         for request in requests:
@@ -82,7 +90,7 @@ class FakeRuntime:
                 tokens = tuple(3 + (len(request.prefix_ids) + i) % 5 for i in range(count))
                 reason = FinishReason.STOP if remaining <= budget else FinishReason.LENGTH
                 stats = TokenStats(prefill_computed=len(request.context_ids), decoded=count)
-                results.append(GenResult(tokens, tuple([-1.0] * count), reason, stats))
+                results.append(GenResult(tokens, tuple([-1.0] * count), reason, stats, policy_version=version))
             outputs.append(results)
         return outputs
 
@@ -107,9 +115,12 @@ class FakeRuntime:
 
     def train_step(self, batch: RolloutBatch, loss_fn) -> dict[str, float]:
         call = len(self.train_batches)
+        if self.train_delay_s is not None:
+            time.sleep(self.train_delay_s(call))
         self.train_batches.append(batch)
         norm = LossNorm(global_tokens=max(1, batch.num_tokens), global_seqs=batch.batch_size)
-        loss, metrics = loss_fn(batch.old_logprobs, None, batch, norm)
+        logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
+        loss, metrics = loss_fn(logprobs, None, batch, norm)
         skipped = float(call in self.nonfinite_calls)
         return {**metrics, "loss/total": float(loss), "perf/lr": 1.0 / (call + 1), "loss/nonfinite_skipped": skipped}
 
@@ -118,6 +129,16 @@ class FakeRuntime:
 
     def sync_weights(self, version: int) -> dict[str, float]:
         self.synced.append(version)
+        self.version = version
+        return {"perf/weight_sync_s": 0.0}
+
+    def publish_weights(self, version: int) -> None:
+        self.published.append(version)
+
+    def load_latest_weights(self) -> dict[str, float]:
+        if not self.published or self.published[-1] <= self.version:
+            return {}
+        self.version = self.published[-1]
         return {"perf/weight_sync_s": 0.0}
 
 
