@@ -129,11 +129,13 @@ class RolloutPipeline:
                 self._pause_requests -= 1
                 self._cond.notify_all()
 
-    def close(self) -> None:
-        """Stop after the batch in progress (the thread is a daemon: a hung call cannot hold the process)."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop after the batch in progress, waiting up to ``timeout_s`` for it (the thread is a daemon: a hung
+        call cannot hold the process)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self._thread.join(timeout=timeout_s)
 
     # ---- the rollout thread ---------------------------------------------------------------------
     def _wait_turn(self, step: int) -> float | None:

@@ -10,6 +10,7 @@ One step:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -28,6 +29,7 @@ from rltrain.eval.run import correctness, evaluate_policy
 from rltrain.metrics import LAST, MAX, MEAN, SUM, Metric, reduce_metrics, tagged
 from rltrain.pipeline import RolloutPipeline, staleness_filter
 from rltrain.prepare import Prepared
+from rltrain.rollout.partial import generate_in_chunks
 from rltrain.runtime import Runtime
 from rltrain.sampling.flat import FlatSampler
 from rltrain.types import FinishReason, RolloutBatch, build_rollout_batch
@@ -65,7 +67,20 @@ def build_sampler(cfg: DictConfig, runtime: Runtime, decode):
                 block,
             )
         return TreeSampler(runtime.generate, seed=cfg.run.seed, decode=decode, kv_block_size=block, **tree)
-    return FlatSampler(runtime.generate, cfg.rollout.n)
+    return FlatSampler(rollout_generate(cfg.rollout, runtime), cfg.rollout.n)
+
+
+def rollout_generate(rc: DictConfig, runtime: Runtime):
+    """The sampler's generate function: ``runtime.generate``, or with ``rollout.partial`` the same in chunks with
+    the newest published weights loaded between them (rltrain/rollout/partial.py)."""
+    if not rc.partial:
+        return runtime.generate
+    return functools.partial(
+        generate_in_chunks,
+        runtime.generate,
+        chunk_tokens=rc.partial_chunk_tokens,
+        between_chunks=runtime.load_latest_weights,
+    )
 
 
 def batch_metrics(batch: RolloutBatch) -> dict[str, float]:

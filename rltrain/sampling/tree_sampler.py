@@ -118,6 +118,7 @@ class TreeSampler:
         self.rng = random.Random(seed)
         self.next_node_id = 0  # segment ids stay unique across calls, so batches can be concatenated
         self.last_counts: dict[str, int] = {}
+        self._versions: set[int] = set()  # policy versions the engine reported during the current sample()
 
     @property
     def width(self) -> int:
@@ -143,6 +144,7 @@ class TreeSampler:
         tree.start([self.rng.randint(self.init_low, self.init_high) for _ in prompts])
         prompt_ids = [tuple(p) for p in prompts]
         stats, calls, rounds = TokenStats(), 0, 0
+        self._versions = set()
         while tree.live:
             segments, round_stats, round_calls = self._generate_round(prompt_ids, tree.live, params, calls)
             tree.grow(segments)
@@ -155,7 +157,9 @@ class TreeSampler:
             **{f"leaves_{FinishReason(r).name.lower()}": c for r, c in Counter(leaf.reason for leaf in leaves).items()},
         }
         log.debug("tree sampler: %s", self.last_counts)
-        traj = _trajectories(leaves, stats, calls)
+        # The weights change only between sampler calls (rltrain/pipeline.py), so one version samples a whole tree;
+        # the oldest is kept should an engine report more.
+        traj = _trajectories(leaves, stats, calls, version=min(self._versions, default=0))
         traj.metrics = {f"tree/{name}": Metric(float(count), SUM) for name, count in self.last_counts.items()}
         return traj
 
@@ -196,12 +200,14 @@ class TreeSampler:
                 raise RuntimeError("tree sampler: generate returned a different number of results than requested")
             for i, results in zip(rows, outputs):
                 segments[i] = [(r.token_ids, r.logprobs, r.finish_reason) for r in results]
+                self._versions.update(r.policy_version for r in results)
             stats, calls = stats + total_stats(outputs), calls + 1
         return segments, stats, calls
 
 
-def _trajectories(leaves: list[Path], stats: TokenStats, calls: int) -> Trajectories:
-    """Leaves -> Trajectories: the last generate call's tokens are the result, earlier segments the prefix.
+def _trajectories(leaves: list[Path], stats: TokenStats, calls: int, version: int = 0) -> Trajectories:
+    """Leaves -> Trajectories: the last generate call's tokens are the result, earlier segments the prefix;
+    ``version``: the policy version that sampled the tree.
 
     Per-leaf ``GenResult.stats`` are zero: shared prefixes belong to no single leaf; the totals are in
     ``Trajectories.stats``.
@@ -213,7 +219,8 @@ def _trajectories(leaves: list[Path], stats: TokenStats, calls: int) -> Trajecto
         ancestors[row, : leaf.depth] = torch.tensor(leaf.nodes, dtype=torch.long)
         split = len(leaf.tokens) - leaf.last_len
         assert leaf.reason is not None
-        results.append(GenResult(tuple(leaf.tokens[split:]), tuple(leaf.logprobs[split:]), leaf.reason))
+        tokens, logprobs = tuple(leaf.tokens[split:]), tuple(leaf.logprobs[split:])
+        results.append(GenResult(tokens, logprobs, leaf.reason, policy_version=version))
         prefixes.append(tuple(leaf.tokens[:split]))
         prefix_logprobs.append(tuple(leaf.logprobs[:split]))
     return Trajectories(

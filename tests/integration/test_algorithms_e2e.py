@@ -96,3 +96,32 @@ def test_algorithm_trains_two_steps(runtime, algorithm):
             assert 0.0 <= metrics["loss/thr_reweighted_frac"] <= 1.0
         if algorithm == "tree":
             assert metrics["rollout/prefill_reused"] > 0  # continued paths reuse the kept KV rows
+
+
+@pytest.mark.parametrize("k, algorithm", [(1, "grpo"), (2, "dapo"), (1, "tree")])
+def test_the_async_pipeline_trains_within_its_staleness_bound(runtime, k, algorithm):
+    """trainer.max_staleness=k over the same actors: the rollout thread generates ahead, every trained batch is at
+    most k versions old, and the on-policy check still holds where a batch is on-policy."""
+    from rltrain.prepare import prepare
+    from rltrain.trainer import Trainer
+
+    shared, cache_dir, last_step = runtime
+    first = last_step[0] + 1
+    steps = [first, first + 1, first + 2]
+    cfg = small_config(
+        cache_dir, *algorithm_overrides(algorithm), f"trainer.max_staleness={k}", f"trainer.steps={steps[-1]}"
+    )
+    trainer = Trainer(cfg, prepare(cfg), shared)
+    try:
+        for step in steps:
+            last_step[0] = step
+            metrics = trainer.step(step)
+            assert metrics["rollout/stale_dropped"] == 0.0 and metrics["rollout/staleness_max"] <= k
+            assert math.isfinite(metrics["loss/total"]) and "perf/buffer_wait_s" in metrics
+            if "rollout/logprob_diff" in metrics:
+                assert metrics["rollout/logprob_diff"] < 1e-3
+            else:
+                assert metrics["rollout/offpolicy_logprob_diff"] > 0
+    finally:
+        trainer.close()
+    shared.sync_weights(last_step[0])  # the next test's synchronous trainer starts on-policy

@@ -177,3 +177,10 @@ def test_a_dead_learner_actor_is_a_run_error_naming_it(tiny_model_dir):
             RunError, match=r"learner rank 0 \(actor \w+, pid \d+\) died during logprobs: .*run.resume=auto"
         ):
             group.logprobs(batch)
+
+
+def test_partial_rollouts_carry_two_versions_and_match_the_learner_per_version(engine, tiny_model_dir):
+    from partial_check import check_partial_rollout
+
+    prompts = [engine.tokenizer.encode(text) for text in ("12+34=", "7*8=", "99-5=")]
+    check_partial_rollout(engine, tiny_model_dir, prompts, 1e-3)

@@ -177,6 +177,31 @@ def test_a_worker_killed_mid_step_is_replaced_and_the_run_continues(trainer):
     assert worker_versions(trainer.runtime) == [4, 4]
 
 
+def test_the_async_pipeline_with_partial_rollouts_trains_over_vllm_within_the_bound(trainer):
+    """trainer.max_staleness=1 with rollout.partial over the same 2 vLLM actors: generation runs in 8-token chunks
+    on the rollout thread while the learner trains; every batch is at most one version old."""
+    from omegaconf import OmegaConf
+
+    from rltrain.trainer import Trainer
+
+    first = trainer.version + 1
+    async_cfg = {"max_staleness": 1, "steps": first + 2}
+    cfg = OmegaConf.merge(trainer.cfg, {"trainer": async_cfg, "rollout": {"partial": True, "partial_chunk_tokens": 8}})
+    pipelined = Trainer(cfg, trainer.prep, trainer.runtime)
+    pipelined.load_state_dict({**trainer.state_dict(), "step": trainer.version})
+    try:
+        for step in range(first, first + 3):
+            metrics = pipelined.step(step)
+            assert metrics["rollout/stale_dropped"] == 0.0 and metrics["rollout/staleness_max"] <= 1
+            lags = [metrics.get(f"rollout/tokens_per_version/lag_{lag}", 0.0) for lag in (0, 1)]
+            rows = trainer.cfg.trainer.prompts_per_step * trainer.cfg.rollout.n
+            assert sum(lags) == pytest.approx(metrics["rollout/response_len_mean"] * rows)
+            if "rollout/logprob_diff" in metrics:
+                assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
+    finally:
+        pipelined.close()
+
+
 def test_cli_treepo_over_vllm_with_broadcast_sync_trains_end_to_end(tmp_path):
     """The quickstart through the CLI over 2 vLLM actors: TreePO with 32-token segments aligned to 32-token KV
     blocks, weights synced by broadcast (gloo). Trains, and the engines stay in sync with the learner."""

@@ -274,3 +274,9 @@ def test_bad_input_raises_clear_errors(engine, hf_model):
         engine.generate([GenRequest((5, 6, 7))], SamplingParams())
     engine.load_weights(hf_model.named_parameters(), version=10)
     assert len(engine.generate([GenRequest((5, 6, 7))], SamplingParams(max_tokens=2))[0][0].token_ids) == 2
+
+
+def test_partial_rollouts_carry_two_versions_and_match_the_learner_per_version(engine, model_dir, prompts):
+    from partial_check import check_partial_rollout
+
+    check_partial_rollout(engine, model_dir, prompts, LOGPROB_TOL)

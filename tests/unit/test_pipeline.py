@@ -200,3 +200,38 @@ def test_token_versions_survive_select_and_concat():
     batch = _batch([1, 2], [0, 1])
     assert torch.equal(batch.select([1]).token_version, torch.tensor([[2, 2]]))
     assert type(batch).concat([batch, batch]).token_version.shape == (4, 2)
+
+
+# ---- partial rollouts ---------------------------------------------------------------------------
+def test_chunked_generation_joins_chunks_and_records_the_weights_switch():
+    from rltrain.rollout.partial import generate_in_chunks
+    from rltrain.types import GenRequest, SamplingParams
+
+    runtime = FakeRuntime(max_len=12)
+
+    def new_weights():
+        runtime.version += 1
+
+    requests = [GenRequest((1, 2, 10 + i), n=2) for i in range(6)]
+    params = SamplingParams(max_tokens=10, seed=5)
+    outputs = generate_in_chunks(runtime.generate, requests, params, chunk_tokens=4, between_chunks=new_weights)
+    assert [len(group) for group in outputs] == [2] * 6
+    results = [r for group in outputs for r in group]
+    assert all(len(r.token_ids) <= 10 and len(r.logprobs) == len(r.token_ids) for r in results)
+    assert all(r.finish_reason == FinishReason.LENGTH for r in results if len(r.token_ids) == 10)
+    long = [r for r in results if len(r.token_ids) > 4]
+    assert long and all(r.versions()[:4] == (0,) * 4 and r.versions()[4] == 1 for r in long)
+    assert all(r.policy_version == 0 and set(r.versions()) <= {0, 1, 2} for r in results)
+    assert all(not r.token_versions for r in results if len(r.token_ids) <= 4)  # one version: no per-token list
+    continued = runtime.requests[1]  # the second call continues the long ones with their tokens as context
+    assert all(len(request.prefix_ids) == 4 and request.n == 1 for request in continued)
+
+
+def test_partial_rollouts_train_multi_version_trajectories_within_the_bound():
+    trainer, runtime = _trainer(
+        ["trainer.max_staleness=2", "rollout.partial=true", "rollout.partial_chunk_tokens=3"],
+        FakeRuntime(train_delay_s=lambda call: 0.01),
+    )
+    records = _run(trainer, range(1, 7))
+    _assert_bound(records, 2)
+    assert runtime.train_batches and all(b.token_version is not None for b in runtime.train_batches)
