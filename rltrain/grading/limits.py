@@ -38,8 +38,17 @@ class _Tally:
 class ErrorBudget:
     """Per-function failure counts of one batch. ``record`` returns True once the batch is certain to fail."""
 
-    def __init__(self, refs: list[str], calls: list[int], max_error_frac: float, timeouts_in_row_limit: int):
-        """``refs[i]``/``calls[i]``: function i's spec and its number of calls in this batch."""
+    def __init__(
+        self,
+        refs: list[str],
+        calls: list[int],
+        max_error_frac: float,
+        timeouts_in_row_limit: int,
+        what: str = "reward function",
+    ):
+        """``refs[i]``/``calls[i]``: function i's spec and its number of calls in this batch; ``what`` names the
+        kind of code in the error ("reward function", "environment")."""
+        self._what = what
         self._tallies = [_Tally(ref, count) for ref, count in zip(refs, calls)]
         self._max_error_frac = max_error_frac
         self._timeouts_in_row_limit = timeouts_in_row_limit
@@ -75,7 +84,7 @@ class ErrorBudget:
         notes += [f"{skipped} calls of the batch left unrun"] if skipped else []
         notes_text = f" ({'; '.join(notes)})" if notes else ""
         return RewardFunctionError(
-            f"reward function {tally.ref} failed on {tally.failed} of {tally.calls} calls in one batch"
+            f"{self._what} {tally.ref} failed on {tally.failed} of {tally.calls} calls in one batch"
             f"{notes_text}; more than reward.max_error_frac={self._max_error_frac:g} allows. "
             f"First error: {tally.first_error}"
         )

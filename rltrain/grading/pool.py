@@ -109,7 +109,9 @@ class GraderPool:
 
     ``tag`` marks the programs the workers start (``RLTRAIN_GRADER_TAG=<tag>/<n>``); a pool kills whatever
     carries its tag when it starts (left by an earlier pool with the same tag, e.g. a killed reward actor)
-    and when it closes. None: a fresh random tag.
+    and when it closes. None: a fresh random tag. ``target``: the worker main loop, called as
+    ``target(conn, functions, memory_mb, tag)`` (a module-level function built on ``worker.serve_calls``; default:
+    the reward grader's ``serve``; environments use rltrain/env/worker.py's).
     """
 
     def __init__(
@@ -120,8 +122,10 @@ class GraderPool:
         memory_mb: int,
         batch_size: int,
         tag: str | None = None,
+        target: Callable[..., None] = serve,
     ):
         self._functions = functions
+        self._target = target
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
         self._batch_size = batch_size
@@ -138,7 +142,7 @@ class GraderPool:
         tag = f"{self._tag}/{self._spawned}"
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
-            target=serve,
+            target=self._target,
             args=(child_conn, self._functions, self._memory_mb, tag),
             name="rltrain-grader",
             daemon=True,

@@ -117,7 +117,7 @@ def _import(module_name: str, key: str) -> Any:
 
 def _load_file(path: str, key: str) -> Any:
     if not os.path.isfile(path):
-        raise ConfigError(f"{key}: reward file {path!r} does not exist")
+        raise ConfigError(f"{key}: file {path!r} does not exist")
     module_name = "rltrain_reward_" + hashlib.sha1(path.encode()).hexdigest()[:12]
     if module_name in sys.modules:
         return sys.modules[module_name]

@@ -9,12 +9,14 @@ forkserver (PR_SET_PDEATHSIG), which dies with the parent. No torch import here.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import resource
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -27,15 +29,28 @@ _PR_SET_PDEATHSIG = 1
 
 
 def serve(conn: Connection, functions: list[dict], memory_mb: int, tag: str) -> None:
-    """Worker main loop. Sends ("ready", pid) once, then (task_id, "ok", values) or (task_id, kind, message)
-    for every call, in order; a None message or a closed pipe ends it. Programs the reward functions start
-    inherit ``RLTRAIN_GRADER_TAG=tag``."""
+    """Grader worker main loop: resolve the reward functions, then grade ``(spec_index, completion, ground_truth,
+    fields)`` tasks (``serve_calls``)."""
+    serve_calls(conn, memory_mb, tag, functools.partial(resolve_reward_functions, functions), _grade_task)
+
+
+def serve_calls(
+    conn: Connection,
+    memory_mb: int,
+    tag: str,
+    load: Callable[[], Any],
+    call: Callable[..., tuple[str, Any]],
+) -> None:
+    """Worker main loop of any GraderPool target. ``load()`` (before the memory cap) builds the state; then
+    it sends ("ready", pid) once, and (task_id, *call(state, *task)) for every task, in order: ("ok", values) or
+    (error kind, message). A None message or a closed pipe ends it. A failing ``load`` sends ("fatal", message).
+    Programs started by the calls inherit ``RLTRAIN_GRADER_TAG=tag``."""
     os.setsid()
     become_subreaper()
     os.environ[TAG_VARIABLE] = tag
     _die_with_parent()
     try:
-        specs = resolve_reward_functions(functions)
+        state = load()
     except Exception as error:
         conn.send(("fatal", f"{type(error).__name__}: {error}"))
         return
@@ -48,9 +63,13 @@ def serve(conn: Connection, functions: list[dict], memory_mb: int, tag: str) -> 
             return
         if chunk is None:
             return
-        for task_id, spec_index, completion, ground_truth, fields in chunk:
-            conn.send((task_id, *grade_one(specs[spec_index], completion, ground_truth, fields)))
+        for task_id, *task in chunk:
+            conn.send((task_id, *call(state, *task)))
         _reap_orphans()
+
+
+def _grade_task(specs: list, spec_index: int, completion: str, ground_truth: Any, fields: dict) -> tuple[str, Any]:
+    return grade_one(specs[spec_index], completion, ground_truth, fields)
 
 
 def grade_one(spec: Any, completion: str, ground_truth: Any, fields: dict[str, Any]) -> tuple[str, Any]:
