@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rltrain.tracking import TOKENS_PER_VERSION
 from rltrain.types import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 STALENESS_MAX = "rollout/staleness_max"
 STALENESS_MEAN = "rollout/staleness_mean"
 STALE_DROPPED = "rollout/stale_dropped"
-TOKENS_PER_VERSION = "rollout/tokens_per_version"  # + "/lag_<d>": trained tokens sampled d versions back
 
 
 @dataclass

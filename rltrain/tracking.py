@@ -147,6 +147,20 @@ def _plain_config(config: Any) -> Any:
     return str(config)
 
 
+TOKENS_PER_VERSION = "rollout/tokens_per_version"  # the asynchronous pipeline's "/lag_<d>" token counts
+
+
+def lag_histogram(metrics: Mapping[str, Any]) -> tuple[list[float], list[float]] | None:
+    """(counts, bin edges) of ``rollout/tokens_per_version/lag_<d>``: trained tokens per version lag d, one unit-wide
+    bin per lag (docs/async.md); None when the step logged none."""
+    prefix = f"{TOKENS_PER_VERSION}/lag_"
+    lags = {int(key[len(prefix) :]): float(value) for key, value in metrics.items() if key.startswith(prefix)}
+    if not lags:
+        return None
+    top = max(lags)
+    return [lags.get(d, 0.0) for d in range(top + 1)], [d - 0.5 for d in range(top + 2)]
+
+
 def eval_table_rows(metrics: Mapping[str, Any]) -> list[list[Any]]:
     """``[set, metric, value]`` of every ``eval/<set>/<metric>`` key in ``metrics``, in their order; the set-less
     ``eval/accuracy``-style keys and missing (None) values are left out."""
@@ -344,7 +358,13 @@ class Tracker:
         if self._wandb_run is None:
             return
         try:
-            self._wandb_run.log({key: float(value) for key, value in metrics.items()}, step=step)
+            record: dict[str, Any] = {key: float(value) for key, value in metrics.items()}
+            histogram = lag_histogram(metrics)
+            if histogram is not None:
+                import wandb
+
+                record[TOKENS_PER_VERSION] = wandb.Histogram(np_histogram=histogram)
+            self._wandb_run.log(record, step=step)
         except Exception as err:
             logger.warning("W&B log failed (%s: %s); W&B turned off for this run", type(err).__name__, err)
             self._wandb_failed = True

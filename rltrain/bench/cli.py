@@ -15,6 +15,7 @@ BENCHMARKS = {
     "export": "peak memory of the DeepSpeed ZeRO-3 weight export, bucketed vs one dict",
     "sync": "seconds per weight sync to the rollout workers: object store vs bucketed broadcast",
     "step": "seconds per training step and its phases; --peer trl: TRL's GRPOTrainer alongside",
+    "pipeline": "wall time and held-out accuracy, synchronous vs trainer.max_staleness 1 and 2",
 }
 
 

@@ -16,6 +16,7 @@ from rltrain.tracking import (
     WANDB_ID_FILE,
     Tracker,
     eval_table_rows,
+    lag_histogram,
     log_eval_to_wandb,
     read_metrics,
     resolve_wandb_mode,
@@ -320,3 +321,17 @@ def test_a_plot_that_cannot_be_written_is_a_run_error_naming_it(tmp_path):
     with pytest.raises(RunError, match=r"cannot write plot .*reward.png: Is a directory \(EISDIR\)"):
         plots.write_plots(records, str(tmp_path))
     assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
+
+
+def test_tokens_per_version_lags_become_one_wandb_histogram(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun())
+    tracker = make_tracker(tmp_path, wandb={"enabled": True, "mode": "offline"})
+    lags = {"rollout/tokens_per_version/lag_0": 30.0, "rollout/tokens_per_version/lag_2": 10.0}
+    tracker.log(1, {"reward/mean": 0.5, **lags})
+    ((step, logged),) = tracker._wandb_run.logged
+    histogram = logged["rollout/tokens_per_version"]
+    assert isinstance(histogram, wandb.Histogram) and histogram.histogram == [30.0, 0.0, 10.0]
+    assert logged["rollout/tokens_per_version/lag_2"] == 10.0  # the scalars stay
+    assert lag_histogram({"reward/mean": 1.0}) is None
+    tracker.finish(plots=False)
