@@ -2,6 +2,8 @@
 
 Micro-batches are ``micro_batch_size`` consecutive padded rows, or, with ``max_tokens_per_micro_batch``,
 groups of rows packed padding-free into one row of at most that many tokens (rltrain/learner/packing.py).
+With ``share_prefixes`` whole prompt groups are packed with each distinct prefix (a group's prompt, a tree's
+shared segments) computed once (rltrain/learner/tree_packing.py).
 
 Algorithm-blind: ``train_step(batch, loss_fn)`` knows nothing about advantages or clipping. The loss
 function returns contributions already normalised by the optimizer step's global token count
@@ -30,7 +32,8 @@ from rltrain.learner import lora as _lora
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.logprobs import response_hidden_and_probs, sequence_logprobs
 from rltrain.learner.optim import build_optimizer, build_scheduler, clip_max_norm, update_is_finite
-from rltrain.learner.packing import packed_micro_batches, packed_sequence_logprobs
+from rltrain.learner.packing import packed_micro_batches, packed_sequence_logprobs, token_counts
+from rltrain.learner.tree_packing import group_micro_batches, shared_sequence_logprobs
 from rltrain.types import RolloutBatch
 
 LEARNER_STATE_FILE = "learner_state.pt"
@@ -51,6 +54,7 @@ class TorchLearner:
         grad_clip: float | None = 1.0,
         micro_batch_size: int = 16,
         max_tokens_per_micro_batch: int | None = None,
+        share_prefixes: bool = False,
         temperature: float = 1.0,
         use_reference: bool = False,
         dtype: str = "float32",
@@ -80,6 +84,7 @@ class TorchLearner:
         self.max_grad_norm = clip_max_norm(grad_clip)
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.share_prefixes = share_prefixes
         self.temperature = temperature
         self.optimizer_steps = 0
 
@@ -132,6 +137,7 @@ class TorchLearner:
         totals: dict[str, float] = {}
         total_loss = 0.0
         computed_tokens = 0
+        unshared_tokens = 0
         for rows in self._micro_batch_rows(batch):
             micro = batch.select(rows).to(self.device)
             logprobs, entropy, tokens = self._forward(self.model, micro, loss_fn.needs_entropy)
@@ -139,6 +145,7 @@ class TorchLearner:
             loss.backward()
             total_loss += float(loss.detach())
             computed_tokens += tokens
+            unshared_tokens += sum(token_counts(micro)) if self.share_prefixes else tokens
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         lr = self.scheduler.get_last_lr()[0]
@@ -150,10 +157,14 @@ class TorchLearner:
             "perf/grad_norm": grad_norm,
             "perf/lr": lr,
             "perf/learner_tokens": float(computed_tokens),
+            **({"perf/learner_tokens_saved": float(unshared_tokens - computed_tokens)} if self.share_prefixes else {}),
         }
 
     def _micro_batch_rows(self, batch: RolloutBatch) -> list[list[int]]:
-        """Row indices of each micro-batch: packed under the token budget, else consecutive chunks of rows."""
+        """Row indices of each micro-batch: whole prompt groups when sharing prefixes, packed under the token budget,
+        else consecutive chunks of rows."""
+        if self.share_prefixes:
+            return group_micro_batches(batch, self.micro_batch_size, self.max_tokens_per_micro_batch)
         if self.max_tokens_per_micro_batch is not None:
             return packed_micro_batches(batch, self.max_tokens_per_micro_batch)
         return [chunk.tolist() for chunk in torch.arange(batch.batch_size).split(self.micro_batch_size)]
@@ -161,7 +172,10 @@ class TorchLearner:
     def _forward(
         self, model: torch.nn.Module, micro: RolloutBatch, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None, int]:
-        """(logprobs [b,T], entropy [b,T] | None, tokens computed) of one micro-batch, packed or padded."""
+        """(logprobs [b,T], entropy [b,T] | None, tokens computed) of one micro-batch, shared, packed or padded."""
+        if self.share_prefixes:
+            logprobs, entropy, packed = shared_sequence_logprobs(model, micro, self.temperature, with_entropy)
+            return logprobs, entropy, packed.tokens
         if self.max_tokens_per_micro_batch is not None:
             return packed_sequence_logprobs(model, micro, self.temperature, with_entropy)
         logprobs, entropy = sequence_logprobs(model, micro, self.temperature, with_entropy)

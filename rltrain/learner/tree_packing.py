@@ -1,0 +1,227 @@
+"""Prefix-shared packing (``learner.share_prefixes``): every distinct token prefix of a micro-batch computed once.
+
+The rows of a prompt group share their prompt, and the rows of a TreePO tree (docs/tree.md) also share the
+segments before they fork. A causal model's hidden state at a token depends only on the tokens before it and
+their positions, so rows with equal leading tokens have equal hidden states there: the micro-batch is packed as
+one padding-free row holding each distinct prefix once (a token trie, found by sorting the rows), with an
+attention mask that lets each token see itself and its ancestors only (the tokens of its own path) and position
+ids equal to the token's depth in its path. Each row's logprob of its response token t is gathered from the
+logits at the packed position of its token t-1, so every row sees exactly what it sees alone, its logprobs
+are the unshared path's up to float summation order, and a shared token's gradient is the sum over the rows
+that use it, as in the unshared backward.
+
+The sharing is by tokens, so it needs no tree ids: prompts are shared across a flat group, forked segments
+across a tree, and rows of different prompts share nothing (their packed paths form separate blocks).
+A sequence is what ``packing.sequence_lengths`` keeps: the real prompt tokens and the response up to its last
+trained-on token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rltrain.learner.packing import first_fit_decreasing, sequence_lengths
+from rltrain.types import RolloutBatch
+
+# Attention implementations that take an arbitrary [L,L] mask; varlen kernels (flash, flex via position ids)
+# only know block-diagonal packing and cannot express a tree.
+TREE_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class TreePackedRow:
+    """The rows of a micro-batch as one prefix-shared row of L distinct tokens holding N predicted response tokens.
+
+    input_ids [1,L], position_ids [1,L] (depth of the token in its path), ancestors [L,L] bool (query i may attend
+    key j: j is i or an ancestor of i); predictors [U] sorted distinct positions whose logits predict a response
+    token; predictor_index [N] (into ``predictors``), rows [N], columns [N]: for each response token, the logits
+    that predict it and where it sits in the micro-batch's [b,T] response tensors. ``unshared_tokens``: the tokens
+    the rows hold without sharing (sum of their sequence lengths).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    ancestors: Tensor
+    predictors: Tensor
+    predictor_index: Tensor
+    rows: Tensor
+    columns: Tensor
+    unshared_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def row_sequences(batch: RolloutBatch) -> tuple[list[list[int]], list[int]]:
+    """(each row's real prompt ⊕ trained response tokens, each row's prompt length) as Python lists."""
+    prompt_lengths, response_lengths = sequence_lengths(batch)
+    width = batch.prompt_ids.shape[1]
+    prompts, responses = batch.prompt_ids.tolist(), batch.response_ids.tolist()
+    sequences = [
+        prompt[width - p :] + response[:r]
+        for prompt, response, p, r in zip(prompts, responses, prompt_lengths.tolist(), response_lengths.tolist())
+    ]
+    return sequences, prompt_lengths.tolist()
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of equal leading elements of ``a`` and ``b``."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def trie_paths(sequences: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int], list[int], list[int]]:
+    """Each sequence as a path of positions in a token trie: (paths, token ids, depths, owner row) per position.
+
+    Sequences are visited in lexicographic order, where a sequence's longest common prefix with any other is
+    its common prefix with its predecessor, so it reuses the predecessor's positions for that prefix and gets new
+    positions for the rest. paths[r][t]: position of token t of sequence r; owner[q]: one row whose path holds q.
+    """
+    paths: list[list[int]] = [[] for _ in sequences]
+    ids: list[int] = []
+    depths: list[int] = []
+    owners: list[int] = []
+    previous: int | None = None
+    for row in sorted(range(len(sequences)), key=lambda i: sequences[i]):
+        sequence = sequences[row]
+        shared = 0 if previous is None else common_prefix_length(sequence, sequences[previous])
+        start = len(ids)
+        fresh = len(sequence) - shared
+        paths[row] = (paths[previous][:shared] if shared else []) + list(range(start, start + fresh))
+        ids += sequence[shared:]
+        depths += range(shared, len(sequence))
+        owners += [row] * fresh
+        previous = row
+    return paths, ids, depths, owners
+
+
+def ancestor_mask(paths: Sequence[Sequence[int]], depths: Tensor, owners: Tensor) -> Tensor:
+    """[L,L] bool: key j is query i or an ancestor of i in the trie.
+
+    j is on i's root path iff j lies on the path of the row that owns i, at a depth no greater than i's (a trie
+    path holds one position per depth). ``depths`` [L], ``owners`` [L] long.
+    """
+    on_path = torch.zeros(len(depths), len(paths), dtype=torch.bool)  # [L,B]: position on row's path
+    rows = torch.repeat_interleave(torch.arange(len(paths)), torch.tensor([len(path) for path in paths]))
+    on_path[torch.tensor([q for path in paths for q in path], dtype=torch.long), rows] = True
+    return on_path[:, owners].T & (depths[None, :] <= depths[:, None])
+
+
+def pack_tree(batch: RolloutBatch) -> TreePackedRow:
+    """All rows of ``batch`` (left-padded prompts, right-padded responses) as one ``TreePackedRow``."""
+    sequences, prompt_lengths = row_sequences(batch)
+    paths, ids, depths, owners = trie_paths(sequences)
+    depth_tensor = torch.tensor(depths, dtype=torch.long)
+    predicted, rows, columns = [], [], []
+    for row, (path, p) in enumerate(zip(paths, prompt_lengths)):
+        # The logits at token j's position predict token j+1: response token c is predicted at token p+c-1.
+        predicted += path[p - 1 : len(path) - 1]
+        rows += [row] * (len(path) - p)
+        columns += range(len(path) - p)
+    predictors, predictor_index = torch.unique(torch.tensor(predicted, dtype=torch.long), return_inverse=True)
+    device = batch.response_ids.device
+    return TreePackedRow(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device)[None],
+        position_ids=depth_tensor.to(device)[None],
+        ancestors=ancestor_mask(paths, depth_tensor, torch.tensor(owners, dtype=torch.long)).to(device),
+        predictors=predictors.to(device),
+        predictor_index=predictor_index.to(device),
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        columns=torch.tensor(columns, dtype=torch.long, device=device),
+        unshared_tokens=sum(len(sequence) for sequence in sequences),
+    )
+
+
+def shared_token_count(batch: RolloutBatch) -> int:
+    """Distinct-prefix tokens the rows of ``batch`` occupy when packed together (L of ``pack_tree``)."""
+    return len(trie_paths(row_sequences(batch)[0])[1])
+
+
+def tree_attention_mask(ancestors: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
+    """The ``attention_mask`` argument [1,1,L,L] of a prefix-shared forward: bool for SDPA, 0 / dtype-min for eager."""
+    if attn_implementation not in TREE_ATTENTION:
+        raise ValueError(
+            f"prefix-shared packing needs attention that takes a mask ({' or '.join(TREE_ATTENTION)}), "
+            f"the model uses {attn_implementation}"
+        )
+    mask = ancestors[None, None]
+    if attn_implementation == "sdpa":
+        return mask
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+def gathered_logprobs(
+    logits: Tensor, index: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Logprobs [N] of ``targets`` [N] under the rows ``index`` [N] of ``logits`` [U,V] (entropy [N] | None).
+
+    Log-softmax(logits / temperature) as ``logprobs.token_logprobs`` (temperature 0: unscaled), computed once per
+    distinct logits row and gathered per token.
+    """
+    logits = logits.float()
+    if temperature and temperature != 1.0:
+        logits = logits / temperature
+    log_z = torch.logsumexp(logits, dim=-1)
+    logprobs = logits[index, targets] - log_z[index]
+    entropy = None
+    if with_entropy:
+        entropy = (log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1))[index]
+    return logprobs, entropy
+
+
+def shared_sequence_logprobs(
+    model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None, TreePackedRow]:
+    """``sequence_logprobs`` of the rows of ``batch`` in one prefix-shared forward.
+
+    Returns (logprobs [b,T], entropy [b,T] | None, the packed row): zero where response_mask is 0, as in the
+    padded path. Only the U distinct predictor positions go through the LM head.
+    """
+    packed = pack_tree(batch)
+    attention = tree_attention_mask(packed.ancestors, model.config._attn_implementation, model.dtype)
+    out = model(
+        input_ids=packed.input_ids,
+        attention_mask=attention,
+        position_ids=packed.position_ids,
+        logits_to_keep=packed.predictors,
+        use_cache=False,
+    )
+    targets = batch.response_ids[packed.rows, packed.columns]
+    logprobs, entropy = gathered_logprobs(out.logits[0], packed.predictor_index, targets, temperature, with_entropy)
+    mask = batch.response_mask
+    logprobs = _scatter_rows(logprobs, packed, mask.shape) * mask
+    if entropy is not None:
+        entropy = _scatter_rows(entropy, packed, mask.shape) * mask
+    return logprobs, entropy, packed
+
+
+def _scatter_rows(values: Tensor, packed: TreePackedRow, shape: torch.Size) -> Tensor:
+    """Per-token ``values`` [N] -> [b,T] in the micro-batch's response layout, 0 elsewhere."""
+    return values.new_zeros(shape).index_put((packed.rows, packed.columns), values)
+
+
+def group_micro_batches(batch: RolloutBatch, max_rows: int, max_tokens: int | None) -> list[list[int]]:
+    """Row indices of each prefix-shared micro-batch: whole prompt groups (``batch.group``), first-fit decreasing.
+
+    A group is never split, so its shared prompt and tree are computed once. Bins hold at most ``max_tokens``
+    shared tokens when given, else at most ``max_rows`` rows; a group above the bound gets a bin of its own.
+    """
+    groups: dict[int, list[int]] = {}
+    for row, group in enumerate(batch.group.tolist()):
+        groups.setdefault(group, []).append(row)
+    members = list(groups.values())
+    if max_tokens is None:
+        sizes, budget = [len(rows) for rows in members], max_rows
+    else:
+        sizes, budget = [shared_token_count(batch.select(rows)) for rows in members], max_tokens
+    return [[row for g in bin_ for row in members[g]] for bin_ in first_fit_decreasing(sizes, budget)]
