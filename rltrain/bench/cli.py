@@ -16,6 +16,7 @@ BENCHMARKS = {
     "sync": "seconds per weight sync to the rollout workers: object store vs bucketed broadcast",
     "step": "seconds per training step and its phases; --peer trl: TRL's GRPOTrainer alongside",
     "pipeline": "wall time and held-out accuracy, synchronous vs trainer.max_staleness 1 and 2",
+    "learner": "learner train step time and tokens, prefix-shared vs unshared on the same batch (--tree: TreePO)",
 }
 
 

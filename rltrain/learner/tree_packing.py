@@ -80,47 +80,54 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def trie_paths(sequences: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int], list[int], list[int]]:
-    """Each sequence as a path of positions in a token trie: (paths, token ids, depths, owner row) per position.
+    """Each sequence as a path of positions in a token trie: (paths, token ids and depths per position, shared).
 
     Sequences are visited in lexicographic order, where a sequence's longest common prefix with any other is
-    its common prefix with its predecessor, so it reuses the predecessor's positions for that prefix and gets new
-    positions for the rest. paths[r][t]: position of token t of sequence r; owner[q]: one row whose path holds q.
+    its common prefix with its predecessor, so it reuses the predecessor's positions for that prefix (``shared[r]``
+    of them) and gets consecutive new positions for the rest. paths[r][t]: position of token t of sequence r.
     """
     paths: list[list[int]] = [[] for _ in sequences]
     ids: list[int] = []
     depths: list[int] = []
-    owners: list[int] = []
+    shared = [0] * len(sequences)
     previous: int | None = None
     for row in sorted(range(len(sequences)), key=lambda i: sequences[i]):
         sequence = sequences[row]
-        shared = 0 if previous is None else common_prefix_length(sequence, sequences[previous])
+        if previous is not None:
+            shared[row] = common_prefix_length(sequence, sequences[previous])
         start = len(ids)
-        fresh = len(sequence) - shared
-        paths[row] = (paths[previous][:shared] if shared else []) + list(range(start, start + fresh))
-        ids += sequence[shared:]
-        depths += range(shared, len(sequence))
-        owners += [row] * fresh
+        paths[row] = paths[previous][: shared[row]] if shared[row] else []
+        paths[row] += range(start, start + len(sequence) - shared[row])
+        ids += sequence[shared[row] :]
+        depths += range(shared[row], len(sequence))
         previous = row
-    return paths, ids, depths, owners
+    return paths, ids, depths, shared
 
 
-def ancestor_mask(paths: Sequence[Sequence[int]], depths: Tensor, owners: Tensor) -> Tensor:
-    """[L,L] bool: key j is query i or an ancestor of i in the trie.
+def ancestor_mask(paths: Sequence[Sequence[int]], shared: Sequence[int], device: torch.device | None = None) -> Tensor:
+    """[L,L] bool: key j is query i or an ancestor of i in the trie (``trie_paths``' paths and shared counts).
 
-    j is on i's root path iff j lies on the path of the row that owns i, at a depth no greater than i's (a trie
-    path holds one position per depth). ``depths`` [L], ``owners`` [L] long.
+    The new positions of a row are a chain: each sees the row's shared positions and the chain up to itself.
+    Writes sum(new x path length) entries, one block pair per row, instead of comparing all L x L pairs.
     """
-    on_path = torch.zeros(len(depths), len(paths), dtype=torch.bool)  # [L,B]: position on row's path
-    rows = torch.repeat_interleave(torch.arange(len(paths)), torch.tensor([len(path) for path in paths]))
-    on_path[torch.tensor([q for path in paths for q in path], dtype=torch.long), rows] = True
-    return on_path[:, owners].T & (depths[None, :] <= depths[:, None])
+    width = 1 + max((max(path) for path in paths if path), default=-1)
+    mask = torch.zeros(width, width, dtype=torch.bool, device=device)
+    for path, reused in zip(paths, shared, strict=True):
+        fresh = len(path) - reused
+        if fresh == 0:
+            continue
+        start = path[reused]
+        chain = slice(start, start + fresh)
+        mask[chain, torch.tensor(path[:reused], dtype=torch.long, device=device)] = True
+        mask[chain, chain] = torch.ones(fresh, fresh, dtype=torch.bool, device=device).tril()
+    return mask
 
 
 def pack_tree(batch: RolloutBatch) -> TreePackedRow:
     """All rows of ``batch`` (left-padded prompts, right-padded responses) as one ``TreePackedRow``."""
     sequences, prompt_lengths = row_sequences(batch)
-    paths, ids, depths, owners = trie_paths(sequences)
-    depth_tensor = torch.tensor(depths, dtype=torch.long)
+    paths, ids, depths, shared = trie_paths(sequences)
+    device = batch.response_ids.device
     predicted, rows, columns = [], [], []
     for row, (path, p) in enumerate(zip(paths, prompt_lengths)):
         # The logits at token j's position predict token j+1: response token c is predicted at token p+c-1.
@@ -128,11 +135,10 @@ def pack_tree(batch: RolloutBatch) -> TreePackedRow:
         rows += [row] * (len(path) - p)
         columns += range(len(path) - p)
     predictors, predictor_index = torch.unique(torch.tensor(predicted, dtype=torch.long), return_inverse=True)
-    device = batch.response_ids.device
     return TreePackedRow(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device)[None],
-        position_ids=depth_tensor.to(device)[None],
-        ancestors=ancestor_mask(paths, depth_tensor, torch.tensor(owners, dtype=torch.long)).to(device),
+        position_ids=torch.tensor(depths, dtype=torch.long, device=device)[None],
+        ancestors=ancestor_mask(paths, shared, device),
         predictors=predictors.to(device),
         predictor_index=predictor_index.to(device),
         rows=torch.tensor(rows, dtype=torch.long, device=device),
