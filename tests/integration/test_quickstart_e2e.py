@@ -95,8 +95,9 @@ def _assert_same_numbers(run_dir, reference: dict[int, dict]) -> None:
             assert abs(record[key] - reference[record["step"]][key]) <= 1e-6, (record["step"], key)
 
 
-def test_two_rl_steps_change_parameters_write_the_run_dir_and_log_each_eval_set(tmp_path):
-    """Two RL steps with two eval sets: the rollout workers generate them, gsm8k is graded by its own grader, and
+def test_two_async_rl_steps_change_parameters_write_the_run_dir_and_log_each_eval_set(tmp_path):
+    """Two RL steps through the asynchronous pipeline (trainer.max_staleness=1: step 2's batch is generated while
+    step 1 trains) with two eval sets: the rollout workers generate them, gsm8k is graded by its own grader, and
     every pass@k / maj@k for k up to each set's n is logged before RL (step 0) and after it."""
     from transformers import AutoModelForCausalLM
 
@@ -104,6 +105,7 @@ def test_two_rl_steps_change_parameters_write_the_run_dir_and_log_each_eval_set(
     args = [
         f"run.dir={run_dir}",
         "trainer.steps=2",
+        "trainer.max_staleness=1",
         "trainer.save_every=2",
         "trainer.eval_every=0",
         "data.max_prompt_tokens=400",  # GSM8K questions in a byte-level tokenizer
@@ -122,9 +124,11 @@ def test_two_rl_steps_change_parameters_write_the_run_dir_and_log_each_eval_set(
             assert f"eval/{name}/avg@{n}" in logged
         assert "eval/accuracy" in logged
     for record in records[1:]:
-        for key in ("reward/mean", "loss/total", "perf/step_time_s", "rollout/logprob_diff", "perf/grad_norm"):
+        for key in ("reward/mean", "loss/total", "perf/step_time_s", "perf/grad_norm", "perf/buffer_wait_s"):
             assert key in record and record[key] is not None and math.isfinite(record[key]), key
-    assert records[1]["rollout/logprob_diff"] < 1e-3  # rollout engine samples from the learner's weights
+        assert record["rollout/staleness_max"] <= 1 and record["rollout/stale_dropped"] == 0
+    assert records[1]["rollout/logprob_diff"] < 1e-3  # step 1 is on-policy: the engines sample the learner's weights
+    assert "rollout/logprob_diff" in records[2] or records[2]["rollout/offpolicy_logprob_diff"] > 0
     assert "reward/score/mean" in records[1] or any(k.startswith("reward/score") for k in records[1])
     assert os.path.isfile(run_dir / "config.yaml")
     assert any(name.endswith(".png") for name in os.listdir(run_dir))
