@@ -143,11 +143,6 @@ def merged_tensor(entry: ExportEntry) -> Tensor:
     return tensor.to("cpu", copy=True)
 
 
-def merged_state_dict(model) -> dict[str, Tensor]:
-    """The merged model's HF state dict on CPU (every source whole, i.e. not under ZeRO-3)."""
-    return {entry.name: merged_tensor(entry) for entry in export_entries(model)}
-
-
 def save_merged(model, directory: str, state: Mapping[str, Tensor]) -> None:
     """Write the merged HF model dir: the base model's config with ``state`` (HF names) as its weights."""
     model.get_base_model().save_pretrained(directory, state_dict=dict(state))
