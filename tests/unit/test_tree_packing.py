@@ -1,0 +1,212 @@
+"""Prefix-shared packing (``learner.share_prefixes``): the token trie, the ancestor mask, and per-row logprobs,
+losses and gradients equal to the unshared (padded) path within 1e-5 on the tiny model, for a tree and flat groups."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rltrain import algo
+from rltrain.learner.base import LossNorm
+from rltrain.learner.logprobs import sequence_logprobs
+from rltrain.learner.packing import token_counts
+from rltrain.learner.torch_learner import TorchLearner
+from rltrain.learner.tree_packing import (
+    ancestor_mask,
+    group_micro_batches,
+    pack_tree,
+    shared_sequence_logprobs,
+    shared_token_count,
+    tree_attention_mask,
+    trie_paths,
+)
+from rltrain.models import load_causal_lm
+from rltrain.types import FinishReason, GenResult, build_rollout_batch
+
+TOLERANCE = 1e-5
+AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+
+def _rows(prompts, responses, group, mask_edits=()):
+    results = [GenResult(tuple(r), tuple([-1.0] * len(r)), FinishReason.STOP) for r in responses]
+    batch = build_rollout_batch(prompts, results, group=group, policy_version=0)
+    mask = batch.response_mask.clone()
+    for row, column in mask_edits:
+        mask[row, column] = 0
+    return batch.replace(response_mask=mask)
+
+
+# ---- the trie and its mask -----------------------------------------------------------------------------------------
+def test_a_tree_is_packed_with_each_prefix_once():
+    # One prompt [1, 2]; three leaves: segments (5, 6) shared by rows 0 and 2, then forks; row 1 forks at once.
+    batch = _rows([[1, 2]] * 3, [[5, 6, 7], [8, 9], [5, 6, 4, 3]], group=[0, 0, 0])
+    packed = pack_tree(batch)
+    ids = packed.input_ids[0].tolist()
+    assert packed.tokens == 2 + 3 + 2 + 2 == len(ids) and packed.unshared_tokens == 5 + 4 + 6
+    assert sorted(ids) == sorted([1, 2, 5, 6, 7, 8, 9, 4, 3])
+    # Each row's path spells its tokens at its depths, and sees exactly its own path.
+    for tokens in [[1, 2, 5, 6, 7], [1, 2, 8, 9], [1, 2, 5, 6, 4, 3]]:
+        path = [ids.index(tokens[0])]
+        for depth, token in enumerate(tokens[1:], start=1):
+            children = [q for q in range(len(ids)) if packed.ancestors[q, path[-1]] and q != path[-1]]
+            path.append(next(q for q in children if ids[q] == token and packed.position_ids[0, q] == depth))
+        leaf = path[-1]
+        assert packed.ancestors[leaf].nonzero().flatten().tolist() == sorted(path)
+    # Row 1's first response token (8) is predicted by the last prompt token, like rows 0 and 2's (5): one predictor.
+    assert packed.predictors.numel() == 5  # the positions of 2, 5, 6, 8 and 4: a shared token predicts once
+    assert packed.rows.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+
+
+def test_rows_of_different_prompts_share_nothing():
+    batch = _rows([[1, 2], [3, 2]], [[5], [5]], group=[0, 1])
+    packed = pack_tree(batch)
+    assert packed.tokens == 6 and (packed.ancestors.sum() == 2 * (1 + 2 + 3))  # two separate causal blocks
+    assert shared_token_count(batch) == 6
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6), min_size=1, max_size=8))
+def test_trie_paths_spell_every_sequence_and_share_every_common_prefix(sequences):
+    paths, ids, depths, shared = trie_paths(sequences)
+    prefixes = {tuple(s[: t + 1]) for s in sequences for t in range(len(s))}
+    assert len(ids) == len(prefixes)  # one position per distinct prefix
+    for sequence, path, reused in zip(sequences, paths, shared, strict=True):
+        assert [ids[q] for q in path] == sequence and [depths[q] for q in path] == list(range(len(sequence)))
+        fresh = path[reused:]  # the new positions are consecutive
+        assert not fresh or fresh == list(range(fresh[0], fresh[0] + len(fresh)))
+    # The mask: q sees exactly the positions of the prefixes of its own prefix.
+    mask = ancestor_mask(paths, shared)
+    for path in paths:
+        for t, q in enumerate(path):
+            assert mask[q].nonzero().flatten().tolist() == sorted(path[: t + 1])
+
+
+def test_tree_attention_mask_formats():
+    ancestors = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    assert tree_attention_mask(ancestors, "sdpa", torch.float32).dtype == torch.bool
+    additive = tree_attention_mask(ancestors, "eager", torch.float32)
+    assert additive.shape == (1, 1, 2, 2) and additive[0, 0, 0, 1] == torch.finfo(torch.float32).min
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        tree_attention_mask(ancestors, "flash_attention_2", torch.float32)
+
+
+# ---- equal to the unshared path on the tiny model -----------------------------------------------------------------
+def _tree_batch(generator):
+    """Two prompt groups: a tree of 5 leaves over shared segments (one leaf a prefix of another, a masked token
+    mid-response, an all-masked leaf) and a flat group of 3 that shares only its prompt; random advantages."""
+    a, b = (torch.randint(5, 250, (n,), generator=generator).tolist() for n in (6, 4))
+    s = [torch.randint(5, 250, (3,), generator=generator).tolist() for _ in range(8)]
+    responses = [s[0] + s[1], s[0] + s[1] + s[2], s[0] + s[3], s[4] + s[5], s[4], s[6], s[7], s[6] + s[5]]
+    rows = _rows([a] * 5 + [b] * 3, responses, group=[0] * 5 + [1] * 3, mask_edits=[(1, 4), (4, 0), (4, 1), (4, 2)])
+    rollout = -torch.rand(rows.response_ids.shape, generator=generator) * rows.response_mask
+    advantages = torch.randn(rows.batch_size, 1, generator=generator) * rows.response_mask
+    return rows.replace(
+        rollout_logprobs=rollout,
+        old_logprobs=rollout,
+        ref_logprobs=(rollout - 0.1) * rows.response_mask,
+        advantages=advantages,
+    )
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return _tree_batch(torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir).eval()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_logprobs_and_entropy_equal_the_unshared_path(model, batch, attention):
+    model.set_attn_implementation(attention)
+    try:
+        with torch.no_grad():
+            padded, padded_entropy = sequence_logprobs(model, batch, 0.7, with_entropy=True)
+            shared, shared_entropy, packed = shared_sequence_logprobs(model, batch, 0.7, with_entropy=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert shared.shape == padded.shape and padded.abs().sum() > 0
+    assert (shared - padded).abs().max() <= TOLERANCE
+    assert (shared_entropy - padded_entropy).abs().max() <= TOLERANCE
+    assert packed.unshared_tokens == sum(token_counts(batch)) and packed.tokens < packed.unshared_tokens - 30
+
+
+def test_sharing_without_the_ancestor_mask_would_differ(model, batch):
+    """The equality depends on the mask: a causal mask over the packed row lets branches see each other."""
+    packed = pack_tree(batch)
+    width = packed.tokens
+    masks = {
+        "leaky": torch.ones(width, width, dtype=torch.bool).tril()[None, None],
+        "tree": packed.ancestors[None, None],
+    }
+    with torch.no_grad():
+        logits = {
+            name: model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids).logits
+            for name, mask in masks.items()
+        }
+    assert (logits["leaky"] - logits["tree"]).abs().max() > 1e-3
+
+
+def _learner(tiny_model_dir, share_prefixes, budget=None):
+    return TorchLearner(
+        tiny_model_dir,
+        lr=1e-3,
+        grad_clip=0.0,
+        micro_batch_size=5,
+        max_tokens_per_micro_batch=budget,
+        temperature=0.7,
+        share_prefixes=share_prefixes,
+    )
+
+
+def _step_with_gradients(learner, batch, loss_fn):
+    """One train_step_normalised; (metrics, {name: gradient} as the optimizer saw it)."""
+    grads = {}
+
+    def capture(optimizer, args, kwargs):
+        grads.update({name: p.grad.clone() for name, p in learner.model.named_parameters() if p.grad is not None})
+
+    learner.optimizer.register_step_pre_hook(capture)
+    norm = LossNorm(global_tokens=batch.num_tokens, global_seqs=batch.batch_size)
+    return learner.train_step_normalised(batch, loss_fn, norm), grads
+
+
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+def test_shared_train_step_equals_unshared_for_every_loss_agg(tiny_model_dir, batch, loss_agg):
+    loss_fn = algo.make_loss_fn(loss_agg=loss_agg, loss_agg_constant=10.0, entropy_coef=0.01, kl_coef=0.1)
+    padded_metrics, padded_grads = _step_with_gradients(_learner(tiny_model_dir, False), batch, loss_fn)
+    shared_metrics, shared_grads = _step_with_gradients(_learner(tiny_model_dir, True), batch, loss_fn)
+    assert padded_metrics["loss/total"] != 0 and padded_metrics["perf/grad_norm"] > 0
+    for key, value in padded_metrics.items():
+        if not key.startswith("perf/learner_tokens"):
+            assert shared_metrics[key] == pytest.approx(value, rel=TOLERANCE, abs=TOLERANCE), key
+    assert padded_grads.keys() == shared_grads.keys()
+    # The tiny model's gradients are ~1e-4, so 1e-5 is taken relative to the largest gradient entry.
+    scale = max(float(grad.abs().max()) for grad in padded_grads.values())
+    for name, grad in padded_grads.items():
+        assert (shared_grads[name] - grad).abs().max() <= TOLERANCE * scale, name
+
+
+@pytest.mark.parametrize("budget", [None, 40])  # None: whole groups up to micro_batch_size rows; 40: shared tokens
+def test_learner_logprobs_shared_equal_unshared_in_row_order(tiny_model_dir, batch, budget):
+    padded = _learner(tiny_model_dir, False).logprobs(batch)
+    shared = _learner(tiny_model_dir, True, budget).logprobs(batch)
+    assert (shared - padded).abs().max() <= TOLERANCE
+
+
+def test_learner_tokens_and_tokens_saved(tiny_model_dir, batch):
+    loss_fn = algo.make_loss_fn()
+    metrics = _learner(tiny_model_dir, True).train_step(batch, loss_fn)
+    unshared = sum(token_counts(batch))
+    computed = sum(shared_token_count(batch.select(rows)) for rows in group_micro_batches(batch, 5, None))
+    assert metrics["perf/learner_tokens"] == computed and metrics["perf/learner_tokens_saved"] == unshared - computed
+    assert "perf/learner_tokens_saved" not in _learner(tiny_model_dir, False).train_step(batch, loss_fn)
+
+
+def test_micro_batches_keep_groups_whole(batch):
+    assert group_micro_batches(batch, max_rows=5, max_tokens=None) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert group_micro_batches(batch, max_rows=8, max_tokens=None) == [[0, 1, 2, 3, 4, 5, 6, 7]]
+    tree_tokens = shared_token_count(batch.select([0, 1, 2, 3, 4]))
+    assert group_micro_batches(batch, max_rows=1, max_tokens=tree_tokens) == [[0, 1, 2, 3, 4], [5, 6, 7]]
