@@ -184,11 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg, prep = prepare_workload(args.recipe, overrides)
     spec = peer_spec(cfg, prep, args.steps, threads=len(os.sched_getaffinity(0))) if args.peer else None
     rltrain_runs, trl_runs, trl_reports = [], [], []
-    for _ in range(args.runs):
+    for run in range(1, args.runs + 1):
         rltrain_runs.append(measure_rltrain(args, overrides, prep.model_path))
+        line = f"run {run}/{args.runs}: rltrain {rltrain_runs[-1]['step']:.3f} s/step"
         if spec is not None:
             trl_reports.append(run_peer(spec, args.timeout_s))
             trl_runs.append(trl_medians(trl_reports[-1], args.warmup))
+            line += f", TRL {trl_runs[-1]['step']:.3f} s/step"
+        print(line, file=sys.stderr, flush=True)  # a long bench shows where it is
     rltrain = median_of_runs(rltrain_runs)
     trl = median_of_runs(trl_runs) if trl_runs else None
     title = (
