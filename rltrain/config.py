@@ -145,6 +145,20 @@ class RewardConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn environments (docs/environments.md). ``fn`` null: one completion per prompt, graded by
+    ``reward.functions``; set: episodes of model and environment turns, rewarded by the environment (its calls run
+    in the reward worker's grader processes under ``reward.timeout_s``, ``reward.memory_mb``, ``reward.on_error``,
+    ``reward.max_error_frac``)."""
+
+    fn: str | None = None  # calculator | feedback | "path/file.py:Class" | "pkg.mod:Class"
+    params: dict[str, Any] = field(default_factory=dict)  # constructor arguments of the environment
+    max_turns: int = 4  # model turns per episode
+    max_tokens: int = 256  # response tokens per episode, model and observation tokens together
+    max_observation_chars: int = 4000  # longer observations are cut (counted in env/observations_cut)
+
+
+@dataclass
 class AlgorithmConfig:
     advantage: str = "grpo"  # registry name, see rltrain.algo
     advantage_params: dict[str, Any] = field(default_factory=dict)
@@ -179,6 +193,18 @@ class AlgorithmConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters via peft (docs/learner.md#lora): rank 0 trains every weight (full fine-tune)."""
+
+    rank: int = 0  # r of each adapter; > 0 freezes the base model and trains only the adapters
+    alpha: float = 16.0  # adapter output scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input while training
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # module-name suffixes that get an adapter (the linear layers of Qwen2 / Llama blocks)
+
+
+@dataclass
 class LearnerConfig:
     backend: str = "torch"  # torch | deepspeed
     lr: float = 1e-5
@@ -192,12 +218,16 @@ class LearnerConfig:
     # torch learner: pack rows padding-free into micro-batches of at most this many tokens (micro_batch_size is
     # then unused); null: micro_batch_size padded rows. Same loss and gradients either way (docs/learner.md).
     max_tokens_per_micro_batch: int | None = None
+    # torch learner: pack each prompt group with its shared prompt and tree segments computed once (same loss and
+    # gradients, fewer tokens; docs/learner.md)
+    share_prefixes: bool = False
     world_size: int = 1
     zero_stage: int = 1
     offload_optimizer: bool = False
     offload_params: bool = False
     export_bucket_mb: int = 64
     use_reference: bool = False  # keep a frozen reference model (needed for KL)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -267,6 +297,9 @@ class ClusterConfig:
     num_cpus: int | None = None
     num_gpus: int = 0  # GPUs the layout expects: fewer in the Ray cluster is an error before any actor starts
     omp_threads: int = 1
+    # CPU time sharing (local CPU runs): each phase's actors use the cores of the actors that wait (rollout workers
+    # while generating, the learner while computing), torch threads set per call (rltrain/dist/threads.py)
+    share_cpu_threads: bool = True
     # disaggregated: rollout workers and learner ranks on separate CPUs/GPUs | colocated: rollout worker i
     # shares learner rank i's bundle (GPU: vLLM sleeps while the learner trains). Both reserve a Ray
     # placement group up front and fail with the missing resources named if the cluster cannot hold it.
@@ -281,6 +314,7 @@ class RLTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -351,7 +385,9 @@ def validate(cfg: DictConfig) -> None:
     _validate_placement(cfg)
     _validate_packing(cfg)
     _validate_async(cfg)
+    _validate_lora(cfg.learner.lora)
     _validate_eval_sets(cfg)
+    _validate_env(cfg)
     if not cfg.reward.functions:
         raise ConfigError("reward.functions=[]: name at least one grader, e.g. [{fn: math, weight: 1.0}]")
     if cfg.rollout.logprob_diff_warn > cfg.rollout.logprob_diff_error:
@@ -364,6 +400,12 @@ def validate(cfg: DictConfig) -> None:
     check_components(cfg)
 
 
+def _validate_env(cfg: DictConfig) -> None:
+    from rltrain.env.resolve import check_env_config
+
+    check_env_config(cfg.env, cfg.rollout.sampler)
+
+
 def _validate_eval_sets(cfg: DictConfig) -> None:
     from rltrain.eval.sets import parse_eval_sets
 
@@ -372,6 +414,9 @@ def _validate_eval_sets(cfg: DictConfig) -> None:
 
 
 def _validate_packing(cfg: DictConfig) -> None:
+    if cfg.learner.share_prefixes and cfg.learner.backend != "torch":
+        key = setting("learner.share_prefixes", cfg.learner.share_prefixes)
+        raise ConfigError(f"{key}: torch learner only for now (got learner.backend={cfg.learner.backend})")
     budget = cfg.learner.max_tokens_per_micro_batch
     if budget is None:
         return
@@ -383,6 +428,14 @@ def _validate_packing(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{key}: must hold the longest sequence, data.max_prompt_tokens={cfg.data.max_prompt_tokens} + "
             f"rollout.max_tokens={cfg.rollout.max_tokens} = {longest}"
+        )
+
+
+def _validate_lora(lora: DictConfig) -> None:
+    if lora.rank > 0 and (not lora.target_modules or not all(lora.target_modules)):
+        raise ConfigError(
+            f"{setting('learner.lora.target_modules', lora.target_modules)}: name at least one module (non-empty "
+            "names), e.g. [q_proj, v_proj]"
         )
 
 

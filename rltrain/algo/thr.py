@@ -110,7 +110,7 @@ def thr_extras(
 
 
 def thr_extras_from_forward(hidden: Tensor, probs: Tensor, token_index: Tensor, batch) -> dict[str, Tensor]:
-    """``thr_extras`` for a RolloutBatch with advantages set; the ``extras_fn`` of ``Learner.forward_extras``."""
+    """``thr_extras`` for a RolloutBatch with advantages set; the ``extras_fn`` of the learner's ``forward_extras``."""
     if batch.advantages is None:
         raise ValueError("THR scores need the batch's advantages: compute them before forward_extras")
     return thr_extras(hidden, probs, token_index, batch.response_mask, batch.advantages, batch.group)

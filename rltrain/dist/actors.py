@@ -21,6 +21,13 @@ def _limit_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def use_threads(threads: int | None) -> None:
+    """Run this call with ``threads`` torch threads (the driver's plan for this phase, rltrain/dist/threads.py);
+    None keeps the current count."""
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def build_generator(engine: str, model_path: str, seed: int, options: dict[str, Any]):
     """Construct the rollout engine named ``engine`` (torch | vllm | auto)."""
     if engine == "auto":
@@ -47,7 +54,10 @@ class RolloutWorker(WeightReceiver):
         _limit_threads(threads)
         self.generator = build_generator(engine, model_path, seed, options)
 
-    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
+    def generate(
+        self, requests: list[GenRequest], params: SamplingParams, threads: int | None = None
+    ) -> list[list[GenResult]]:
+        use_threads(threads)
         return self.generator.generate(requests, params)
 
     def load_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> int:
@@ -76,19 +86,30 @@ class RolloutWorker(WeightReceiver):
 
 
 class RewardWorker:
-    """Holds one RewardGrader (itself a pool of grader processes with deadlines)."""
+    """Holds one RewardGrader (itself a pool of grader processes with deadlines) and, with ``env_options``, an
+    EnvRunner (environment calls in their own pool of such processes; rltrain/env/runner.py)."""
 
-    def __init__(self, threads: int, grader_options: dict[str, Any]):
+    def __init__(self, threads: int, grader_options: dict[str, Any], env_options: dict[str, Any] | None = None):
         from rltrain.grading import RewardGrader
 
         _limit_threads(threads)
         self.grader = RewardGrader(**grader_options)
+        self.env = None
+        if env_options is not None:
+            from rltrain.env.runner import EnvRunner
+
+            self.env = EnvRunner(**env_options)
 
     def grade(self, completions: list[str], rows: list[dict]):
         return self.grader.grade(completions, rows)
 
+    def env_calls(self, calls: list) -> list:
+        return self.env.run(calls)
+
     def close(self) -> None:
         self.grader.close()
+        if self.env is not None:
+            self.env.close()
 
     def ready(self) -> bool:
         return True
@@ -103,13 +124,16 @@ class LearnerWorker(WeightSender):
         _limit_threads(threads)
         self.learner = TorchLearner(model_path, **options)
 
-    def logprobs(self, batch, reference: bool = False) -> torch.Tensor:
+    def logprobs(self, batch, reference: bool = False, threads: int | None = None) -> torch.Tensor:
+        use_threads(threads)
         return self.learner.logprobs(batch, reference)
 
-    def train_step(self, batch, loss_fn) -> dict[str, float]:
+    def train_step(self, batch, loss_fn, threads: int | None = None) -> dict[str, float]:
+        use_threads(threads)
         return self.learner.train_step(batch, loss_fn)
 
-    def forward_extras(self, batch, extras_fn) -> dict[str, torch.Tensor]:
+    def forward_extras(self, batch, extras_fn, threads: int | None = None) -> dict[str, torch.Tensor]:
+        use_threads(threads)
         return self.learner.forward_extras(batch, extras_fn)
 
     def export_weights(self) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from rltrain.dist.actors import use_threads
 from rltrain.dist.groups import actor_labels, get_named
 from rltrain.dist.placement import actor_uses_gpu, gpus_per_actor
 from rltrain.dist.weight_sync import WeightSender, free_address
@@ -90,10 +91,22 @@ class DeepSpeedRankWorker(WeightSender):
         init_distributed(rank, world_size, master[0], master[1], backend)
         self.learner = DeepSpeedLearner(model_path, rank=rank, world_size=world_size, **options)
 
-    def logprobs(self, shard: RolloutBatch, reference: bool, num_micro: int, filler: RolloutBatch) -> torch.Tensor:
+    def logprobs(
+        self, shard: RolloutBatch, reference: bool, num_micro: int, filler: RolloutBatch, threads: int | None = None
+    ) -> torch.Tensor:
+        use_threads(threads)
         return self.learner.logprobs(shard, reference, num_micro, filler)
 
-    def train_step(self, shard: RolloutBatch, loss_fn: LossFn, norm: LossNorm, num_micro: int, filler: RolloutBatch):
+    def train_step(
+        self,
+        shard: RolloutBatch,
+        loss_fn: LossFn,
+        norm: LossNorm,
+        num_micro: int,
+        filler: RolloutBatch,
+        threads: int | None = None,
+    ):
+        use_threads(threads)
         return self.learner.train_step(shard, loss_fn, norm, num_micro, filler)
 
     def export_weights(self, bucketed: bool, bucket_mb: int | None = None) -> list:
@@ -196,14 +209,15 @@ class DeepSpeedLearnerGroup:
         shards = shard_rows_by_tokens(tokens, self.world_size)
         return shards, micro_batch_count(shards, self.micro_batch_size), filler_row(batch, tokens)
 
-    def logprobs(self, batch: RolloutBatch, reference: bool = False) -> torch.Tensor:
-        """[B,T] logprobs of the response tokens (0 where masked), rows computed on their ranks."""
+    def logprobs(self, batch: RolloutBatch, reference: bool = False, threads: int | None = None) -> torch.Tensor:
+        """[B,T] logprobs of the response tokens (0 where masked), rows computed on their ranks, each with
+        ``threads`` torch threads (None: as started)."""
         if reference and not self.use_reference:
             raise RuntimeError("reference logprobs requested but the learner has no reference model (use_reference)")
         shards, num_micro, filler = self._plan(batch)
         parts = self._gather(
             [
-                worker.logprobs.remote(batch.select(shard), reference, num_micro, filler)
+                worker.logprobs.remote(batch.select(shard), reference, num_micro, filler, threads)
                 for worker, shard in zip(self.workers, shards)
             ],
             "logprobs",
@@ -214,13 +228,14 @@ class DeepSpeedLearnerGroup:
                 out[torch.tensor(shard)] = part
         return out
 
-    def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over all rows; loss contributions and metrics normalised by the whole batch's counts."""
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, threads: int | None = None) -> dict[str, float]:
+        """One optimizer step over all rows; loss contributions and metrics normalised by the whole batch's counts.
+        ``threads``: torch threads per rank (None: as started)."""
         shards, num_micro, filler = self._plan(batch)
         norm = LossNorm(global_tokens=max(1, batch.num_tokens), global_seqs=batch.batch_size)
         results = self._gather(
             [
-                worker.train_step.remote(batch.select(shard), loss_fn, norm, num_micro, filler)
+                worker.train_step.remote(batch.select(shard), loss_fn, norm, num_micro, filler, threads)
                 for worker, shard in zip(self.workers, shards)
             ],
             "train_step",

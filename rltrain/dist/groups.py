@@ -182,14 +182,17 @@ class RolloutGroup:
             **{**self._args, "seed": self._args["seed"] + slot}
         )
 
-    def generate(self, requests: Sequence[GenRequest], params: SamplingParams) -> list[list[GenResult]]:
-        """Results in request order. A worker that dies is replaced and its share re-run once."""
+    def generate(
+        self, requests: Sequence[GenRequest], params: SamplingParams, threads: int | None = None
+    ) -> list[list[GenResult]]:
+        """Results in request order, each worker generating with ``threads`` torch threads (None: as started).
+        A worker that dies is replaced and its share re-run once."""
         import ray
 
         shares = balance_by_tokens(requests, params.max_tokens, len(self.workers))
         slot_params = [share_params(params, slot) for slot in range(len(shares))]
         pending = {
-            slot: self.workers[slot].generate.remote([requests[i] for i in share], slot_params[slot])
+            slot: self.workers[slot].generate.remote([requests[i] for i in share], slot_params[slot], threads)
             for slot, share in enumerate(shares)
             if share
         }
@@ -204,7 +207,9 @@ class RolloutGroup:
                     "rollout worker %d died; replacing it and re-running its %d requests", slot, len(shares[slot])
                 )
                 self._replace(slot)
-                retry = self.workers[slot].generate.remote([requests[i] for i in shares[slot]], slot_params[slot])
+                retry = self.workers[slot].generate.remote(
+                    [requests[i] for i in shares[slot]], slot_params[slot], threads
+                )
                 outputs = ray.get(retry)
             for index, output in zip(shares[slot], outputs):
                 results[index] = output
@@ -291,11 +296,13 @@ class RolloutGroup:
             ray.kill(worker)
 
 
-def create_reward_worker(threads: int, grader_options: dict[str, Any], placement: dict):
-    """The reward actor, in ``placement`` (Ray actor options)."""
+def create_reward_worker(
+    threads: int, grader_options: dict[str, Any], placement: dict, env_options: dict[str, Any] | None = None
+):
+    """The reward actor, in ``placement`` (Ray actor options); ``env_options``: its EnvRunner's, if any."""
     import ray
 
-    worker = ray.remote(RewardWorker).options(**placement).remote(threads, grader_options)
+    worker = ray.remote(RewardWorker).options(**placement).remote(threads, grader_options, env_options)
     ray.get(worker.ready.remote())
     return worker
 
@@ -321,14 +328,15 @@ class TorchLearnerGroup:
     def _call(self, ref, what: str):
         return get_named([ref], self.labels, what)[0]
 
-    def logprobs(self, batch, reference: bool = False):
-        return self._call(self.actor.logprobs.remote(batch, reference), "logprobs")
+    def logprobs(self, batch, reference: bool = False, threads: int | None = None):
+        """``threads``: torch threads for this call (None: as started); the same for every method below."""
+        return self._call(self.actor.logprobs.remote(batch, reference, threads), "logprobs")
 
-    def train_step(self, batch, loss_fn) -> dict[str, float]:
-        return self._call(self.actor.train_step.remote(batch, loss_fn), "train_step")
+    def train_step(self, batch, loss_fn, threads: int | None = None) -> dict[str, float]:
+        return self._call(self.actor.train_step.remote(batch, loss_fn, threads), "train_step")
 
-    def forward_extras(self, batch, extras_fn) -> dict:
-        return self._call(self.actor.forward_extras.remote(batch, extras_fn), "forward_extras")
+    def forward_extras(self, batch, extras_fn, threads: int | None = None) -> dict:
+        return self._call(self.actor.forward_extras.remote(batch, extras_fn, threads), "forward_extras")
 
     def actors(self) -> list:
         return [self.actor]

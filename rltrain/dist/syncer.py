@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from rltrain.dist.groups import RolloutGroup, get_named, naming_dead_actors
+from rltrain.learner.base import LearnerGroup
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def resolve_weight_sync(mode: str, cluster_gpus: float, placement: str, tensor_p
 class WeightSync:
     """Moves the learner group's weights to the rollout group, tagged with a policy version."""
 
-    def __init__(self, learner: Any, rollout: RolloutGroup, rollout_cfg: DictConfig, mode: str):
+    def __init__(self, learner: LearnerGroup, rollout: RolloutGroup, rollout_cfg: DictConfig, mode: str):
         self.learner, self.rollout, self.cfg, self.mode = learner, rollout, rollout_cfg, mode
         self.fallbacks = 0
         self._group_replacements: int | None = None  # rollout.replacements when the group was opened

@@ -1,4 +1,4 @@
-"""The Learner protocol and the loss-function contract shared by every learner backend.
+"""The LearnerGroup protocol and the loss-function contract shared by every learner backend.
 
 Loss normalisation is global: a loss function returns this micro-batch's *contribution* to the
 loss of the whole optimizer step, already divided by the step's global token / sequence counts
@@ -9,9 +9,8 @@ split into micro-batches or ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -44,21 +43,42 @@ class LossFn(Protocol):
 
 
 @runtime_checkable
-class Learner(Protocol):
-    """Algorithm-blind trainer of a causal LM policy."""
+class LearnerGroup(Protocol):
+    """What the driver calls on a learner backend: the torch group (one actor, rltrain/dist/groups.py) and the
+    DeepSpeed group (K ranks, rltrain/dist/deepspeed_group.py) both implement it; ``Runtime`` and ``WeightSync``
+    (rltrain/dist/syncer.py) know nothing else about them. Calls block until every rank answered; a dead rank is a
+    RunError naming it (``labels``: actor id -> "learner rank i (actor ..., pid ...)").
+    """
 
-    def logprobs(self, batch: RolloutBatch, reference: bool = False) -> Tensor:
-        """[B,T] logprobs of the response tokens (0 where masked), no grad; ``reference`` uses the ref model."""
+    labels: dict[str, str]
+
+    @property
+    def use_gpu(self) -> bool: ...
+
+    def logprobs(self, batch: RolloutBatch, reference: bool = False, threads: int | None = None) -> Tensor:
+        """[B,T] logprobs of the response tokens (0 where masked), no grad; ``reference``: the reference policy."""
         ...
 
-    def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over ``batch`` (split into micro-batches internally)."""
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, threads: int | None = None) -> dict[str, float]:
+        """One optimizer step over ``batch`` (micro-batched and, for K ranks, split by tokens) with ``loss_fn``."""
         ...
 
-    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """HF-named parameters for weight sync, streamed."""
+    def export_weights_ref(self) -> Any:
+        """An object ref to the HF-named weights (or their buckets) that rollout workers load themselves."""
+        ...
+
+    def sync_sender(self) -> Any:
+        """The actor that sends collective weight syncs (rank 0)."""
+        ...
+
+    def broadcast_weights_refs(self, bucket_mb: int) -> list:
+        """Start a collective sync on the sending rank; refs resolve to its send statistics."""
         ...
 
     def save(self, directory: str) -> None: ...
 
     def load(self, directory: str) -> None: ...
+
+    def actors(self) -> list:
+        """Every Ray actor of the group (for shutdown)."""
+        ...

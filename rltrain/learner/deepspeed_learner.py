@@ -374,7 +374,7 @@ class DeepSpeedLearner:
         return [_lora.ExportEntry(name, (param,)) for name, param in self.engine.module.named_parameters()]
 
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """Learner protocol: (name, tensor) pairs, streamed bucket by bucket (see ``export_buckets``)."""
+        """(name, tensor) pairs for weight sync, streamed bucket by bucket (see ``export_buckets``)."""
         for bucket in self.export_buckets():
             yield from bucket.items()
 

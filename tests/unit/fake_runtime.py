@@ -68,6 +68,7 @@ class FakeRuntime:
     synced: list[int] = field(default_factory=list)
     version: int = 0  # the engine's weights version, stamped on every result
     published: list[int] = field(default_factory=list)
+    awake_calls: list[bool] = field(default_factory=list)  # set_rollout_awake calls, in order
     generate_delay_s: Callable[[int], float] | None = None  # seconds a generate call takes, by call number
     train_delay_s: Callable[[int], float] | None = None  # seconds a train_step takes, by call number
 
@@ -131,6 +132,9 @@ class FakeRuntime:
         self.synced.append(version)
         self.version = version
         return {"perf/weight_sync_s": 0.0}
+
+    def set_rollout_awake(self, awake: bool) -> None:
+        self.awake_calls.append(awake)
 
     def publish_weights(self, version: int) -> None:
         self.published.append(version)

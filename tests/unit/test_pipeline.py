@@ -190,6 +190,7 @@ def test_the_logprob_check_runs_on_on_policy_batches_only():
 def test_the_synchronous_loop_has_no_separate_old_logprob_forward_when_one_step_trains_the_batch():
     trainer, runtime = _trainer()
     metrics = trainer.step(1)
+    assert runtime.awake_calls == [True, False, True]  # generate, learn (engines asleep on a GPU), sync
     assert runtime.train_batches[0].old_logprobs is None and metrics["rollout/logprob_diff"] == 0.0
     trainer, runtime = _trainer(["algorithm.mini_batches=2"])
     trainer.step(1)

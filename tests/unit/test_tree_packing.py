@@ -3,10 +3,12 @@ losses and gradients equal to the unshared (padded) path within 1e-5 on the tiny
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rltrain import algo
+from rltrain.config import ConfigError, register_configs, validate
 from rltrain.learner.base import LossNorm
 from rltrain.learner.logprobs import sequence_logprobs
 from rltrain.learner.packing import token_counts
@@ -21,8 +23,10 @@ from rltrain.learner.tree_packing import (
     trie_paths,
 )
 from rltrain.models import load_causal_lm
+from rltrain.runtime import learner_options
 from rltrain.types import FinishReason, GenResult, build_rollout_batch
 
+register_configs()
 TOLERANCE = 1e-5
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
@@ -210,3 +214,19 @@ def test_micro_batches_keep_groups_whole(batch):
     assert group_micro_batches(batch, max_rows=8, max_tokens=None) == [[0, 1, 2, 3, 4, 5, 6, 7]]
     tree_tokens = shared_token_count(batch.select([0, 1, 2, 3, 4]))
     assert group_micro_batches(batch, max_rows=1, max_tokens=tree_tokens) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+
+
+# ---- configuration -------------------------------------------------------------------------------------------------
+def _config(overrides):
+    with initialize_config_module(config_module="recipes", version_base="1.3"):
+        return compose(config_name="treepo", overrides=overrides)
+
+
+def test_deepspeed_refuses_shared_prefixes():
+    with pytest.raises(ConfigError, match="learner.share_prefixes=True: torch learner only for now"):
+        validate(_config(["learner=deepspeed", "learner.share_prefixes=true"]))
+
+
+def test_learner_options_pass_share_prefixes_only_when_set():
+    assert "share_prefixes" not in learner_options(_config([]), 1)
+    assert learner_options(_config(["learner.share_prefixes=true"]), 1)["share_prefixes"] is True
