@@ -23,17 +23,20 @@ from typing import Any
 from rltrain.bench.report import emit, machine_info
 
 # As rollout-heavy as this model allows on a 2-core CPU: the SFT-warmed tiny model answers in ~5 tokens, so responses
-# cannot be made longer without losing the learning signal; instead vLLM's per-call cost (one worker, 4 prompts x 8
-# samples) is set against a small learner batch. Generation + grading is ~35-40% of a synchronous step here, and
-# with the rollout workers' weight loading (also the rollout side's work in the pipeline) ~50%.
+# cannot be made longer without losing the learning signal; instead vLLM's per-call cost (one worker, 2 prompts x 8
+# samples) is set against a small learner batch: generation + grading is ~36-39% of a synchronous step, ~53-58% with
+# the rollout worker's weight loading (also moved off the learner's path by the pipeline). Time sharing is off so
+# that every setting runs each actor on one thread (the overlapping settings do anyway); with it on the synchronous
+# runs took 21.4 s instead of 22.6 s (docs/benchmarks.md).
 ROLLOUT_HEAVY = (
     "rollout.engine=vllm",
     "model.tiny.num_heads=2",
     "model.tiny.num_kv_heads=1",
     "rollout.num_workers=1",
-    "trainer.prompts_per_step=4",
-    "trainer.steps=150",
+    "trainer.prompts_per_step=2",
+    "trainer.steps=200",
     "trainer.eval_every=0",
+    "cluster.share_cpu_threads=false",
 )
 QUIET = ("tracking.plots=false", "tracking.progress=false", "tracking.wandb.enabled=false", "trainer.save_every=1000")
 GENERATION_KEYS = ("perf/rollout_s", "perf/grading_s")
