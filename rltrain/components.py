@@ -1,7 +1,7 @@
 """The pure components of a run, built from the config: sampling parameters, the loss function, the advantage
 estimator and the tree sampler.
 
-``check_components(cfg)`` builds each of them once before Ray starts (``config.validate``), so a bad value fails
+``check_components(cfg)`` builds each of them once before Ray starts (``config_rules.validate``), so a bad value fails
 in seconds by the component's own check, the only copy of each rule; its ValueError is re-raised as a ConfigError
 naming the config keys (``_config_error``). The trainer builds them again where they are used.
 """

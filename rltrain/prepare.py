@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rltrain.config import ConfigError, validate
+from rltrain.config import ConfigError
+from rltrain.config_rules import validate
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class Prepared:
 
 
 def check_config(cfg: DictConfig) -> str:
-    """The one validation pass before data, model, SFT or Ray: every value (``config.validate``, which builds the
+    """The one validation pass before data, model, SFT or Ray: every value (``config_rules.validate``, which builds the
     run's pure components), the reward functions and their grader options, the backends installed. No model.
 
     Returns the metric name of the first reward function (its score defines accuracy).

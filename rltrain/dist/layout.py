@@ -137,7 +137,7 @@ def compose(recipe: str, overrides: Sequence[str]) -> DictConfig:
 def plan_for_job(recipe: str, cluster: str, user: Sequence[str], env: Mapping[str, str]) -> tuple[int, list[str]]:
     """(Ray CPUs per node, the overrides to pass before the user's) for ``recipe`` with ``cluster=<cluster>``;
     the composed run validated and checked against the job (ConfigError)."""
-    from rltrain.config import validate
+    from rltrain.config_rules import validate
     from rltrain.runtime import plan_run_placement
 
     resources = job_resources(env)

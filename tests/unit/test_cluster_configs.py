@@ -11,7 +11,8 @@ import os
 import pytest
 from hydra import compose, initialize_config_module
 
-from rltrain.config import ConfigError, register_configs, validate
+from rltrain.config import ConfigError, register_configs
+from rltrain.config_rules import validate
 
 register_configs()
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from rltrain.config import ConfigError, register_configs, validate
+from rltrain.config import ConfigError, register_configs
+from rltrain.config_rules import validate
 
 register_configs()
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")

@@ -6,7 +6,8 @@ import jinja2
 import pytest
 from fake_runtime import compose
 
-from rltrain.config import ConfigError, validate
+from rltrain.config import ConfigError
+from rltrain.config_rules import validate
 from rltrain.data.tasks import generate_task
 from rltrain.env.base import StepResult, as_step_result, clean_observation
 from rltrain.env.calculator import CalculatorEnv, final_integer

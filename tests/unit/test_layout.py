@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from rltrain.config import ConfigError, validate
+from rltrain.config import ConfigError
+from rltrain.config_rules import validate
 from rltrain.dist.layout import (
     JobResources,
     compose,

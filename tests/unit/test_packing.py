@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rltrain import algo
-from rltrain.config import ConfigError, register_configs, validate
+from rltrain.config import ConfigError, register_configs
+from rltrain.config_rules import validate
 from rltrain.learner.base import LossNorm
 from rltrain.learner.logprobs import sequence_logprobs
 from rltrain.learner.packing import (

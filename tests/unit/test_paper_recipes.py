@@ -17,7 +17,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from rltrain.config import register_configs, validate
+from rltrain.config import register_configs
+from rltrain.config_rules import validate
 from rltrain.data import load_task_data
 from rltrain.eval.sets import parse_eval_sets
 from rltrain.grading.resolve import call_reward, resolve_reward_functions

@@ -344,7 +344,8 @@ def test_every_tree_config_key_is_a_sampler_setting_and_bad_values_fail_before_s
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from rltrain.config import ConfigError, register_configs, validate
+    from rltrain.config import ConfigError, register_configs
+    from rltrain.config_rules import validate
     from rltrain.runtime import rollout_options
 
     register_configs()

@@ -242,7 +242,7 @@ def test_the_base_of_each_case_passes(options):
     """The invalid value is the only thing wrong in each case: its base configuration validates."""
     with initialize_config_module(config_module="recipes", version_base="1.3"):
         cfg = compose(config_name="quickstart", overrides=options)
-    from rltrain.config import validate
+    from rltrain.config_rules import validate
 
     validate(cfg)
 
