@@ -252,11 +252,12 @@ class Trainer:
             self.runtime.set_rollout_awake(True)
             metrics.update(self.runtime.sync_weights(step))
         else:
-            produced = self.pipeline(step).next_batch(step)
+            pipeline = self.pipeline(step)
+            produced = pipeline.next_batch(step)
             self.consumed_state = produced.state
             metrics = {**produced.metrics, **self.learn(produced.batch, step)}
             self.runtime.publish_weights(step)
-            self.pipeline(step).published(step)
+            pipeline.published(step)
         self.version = step
         metrics["perf/step_time_s"] = time.time() - start
         return metrics
@@ -279,15 +280,13 @@ class Trainer:
         on_policy = self.cfg.trainer.max_staleness == 0 or bool(
             (batch.token_version[batch.response_mask > 0] == version).all()
         )
-        diff_key = LOGPROB_DIFF if on_policy else "rollout/offpolicy_logprob_diff"
         t0 = time.time()
         old = None
         if not self.reuses_train_forward:
             old = self.runtime.logprobs(batch)
             mask = batch.response_mask
-            metrics[diff_key] = float(((old - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
-            if on_policy:
-                self.check_logprob_diff(metrics[diff_key])
+            diff = float(((old - batch.rollout_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
+            self.record_logprob_diff(metrics, diff, on_policy)
         ref = self.runtime.logprobs(batch, reference=True) if self.cfg.learner.use_reference else None
         batch, advantage_metrics = self.advantages(batch.replace(old_logprobs=old, ref_logprobs=ref))
         metrics.update(advantage_metrics)
@@ -296,9 +295,7 @@ class Trainer:
         trained = self.train(batch, step)
         metrics["perf/train_s"] = time.time() - t0
         if self.reuses_train_forward:
-            metrics[diff_key] = trained.pop(LOGPROB_DIFF)
-            if on_policy:
-                self.check_logprob_diff(metrics[diff_key])
+            self.record_logprob_diff(metrics, trained.pop(LOGPROB_DIFF), on_policy)
         metrics.update(trained)
         return metrics
 
@@ -386,6 +383,15 @@ class Trainer:
                 "(trainer.on_nonfinite=stop); lower learner.lr, set learner.grad_clip, or set "
                 "trainer.on_nonfinite=skip to skip such updates and go on"
             )
+
+    def record_logprob_diff(self, metrics: dict[str, float], diff: float, on_policy: bool) -> None:
+        """An on-policy batch's diff is ``rollout/logprob_diff``, checked against the limits; a batch with older
+        tokens logs ``rollout/offpolicy_logprob_diff`` (expected > 0, not checked)."""
+        if on_policy:
+            metrics[LOGPROB_DIFF] = diff
+            self.check_logprob_diff(diff)
+        else:
+            metrics["rollout/offpolicy_logprob_diff"] = diff
 
     def check_logprob_diff(self, diff: float) -> None:
         rc = self.cfg.rollout
