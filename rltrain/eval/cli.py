@@ -15,6 +15,7 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from rltrain.eval.engines import generation
+from rltrain.eval.episodes import env_eval_set, env_settings, evaluate_env_set, print_env_table
 from rltrain.eval.run import (
     CHUNK_PROMPTS,
     Graders,
@@ -33,13 +34,16 @@ TABLE_METRICS = ("pass@1", "maj@{n}", "pass@{n}", "avg@{n}", "response_len_mean"
 
 def evaluate_model(cfg: DictConfig) -> dict:
     """Score ``model.path`` on every set of ``eval.sets``; returns the eval.json report."""
-    from rltrain.fsutil import atomic_write_text
     from rltrain.prepare import prepare
 
-    prep = prepare(cfg, with_sft=False)
     specs = parse_eval_sets(cfg.eval.sets, "eval.sets")
+    # An environment recipe scores episodes; a set they cannot score fails here, before anything loads.
+    env_spec = env_eval_set(specs, cfg.env.fn) if cfg.env.fn is not None else None
+    prep = prepare(cfg, with_sft=False)
     out_dir = os.path.expanduser(cfg.eval.output_dir or cfg.run.dir)
     os.makedirs(out_dir, exist_ok=True)
+    if env_spec is not None:
+        return _finish(cfg, out_dir, _evaluate_episodes(cfg, prep, env_spec), print_env_table)
     with Graders(cfg, prep.primary_reward) as graders, SampleLog(os.path.join(out_dir, "samples.jsonl")) as samples:
         jobs = [build_job(cfg, prep, spec, *graders.for_set(spec)) for spec in specs]
         todo = sum(len(indices) for job in jobs for _, indices in missing_samples(job, samples))
@@ -59,14 +63,42 @@ def evaluate_model(cfg: DictConfig) -> dict:
             for job in jobs
         },
     }
+    return _finish(cfg, out_dir, report, print_table)
+
+
+def _evaluate_episodes(cfg: DictConfig, prep, spec) -> dict:
+    """The eval.json report of an environment recipe: one episode per held-out row (rltrain.eval.episodes), model
+    turns from the eval engine, environment turns in a local EnvRunner. No samples.jsonl: episodes do not resume."""
+    from rltrain.env.runner import EnvRunner, env_runner_options
+
+    log.info("rltrain-eval: episodes through env.fn=%s on %s (samples.jsonl is not written)", cfg.env.fn, spec.name)
+    with EnvRunner(**env_runner_options(cfg)) as runner, generation(cfg, prep.model_path) as generate:
+        metrics, num_rows = evaluate_env_set(cfg, prep, spec, generate, runner.run)
+    settings = env_settings(cfg, spec)
+    return {
+        "model": prep.model_path,
+        "env": str(cfg.env.fn),
+        "sets": {spec.name: {"settings": settings, "num_rows": num_rows, **metrics}},
+    }
+
+
+def _finish(cfg: DictConfig, out_dir: str, report: dict, print_report) -> dict:
+    """Write eval.json, print the table, log to W&B when eval.wandb; returns the report."""
+    from rltrain.fsutil import atomic_write_text
+
     atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=2) + "\n")
-    print_table(report)
+    print_report(report)
     if cfg.eval.wandb:
         from rltrain.tracking import log_eval_to_wandb
 
+        results = {name: _numbers(result) for name, result in report["sets"].items()}
         wandb_options = OmegaConf.to_container(cfg.tracking.wandb, resolve=True)
         log_eval_to_wandb(wandb_options, out_dir, cfg.run.name, cfg, flat_metrics(results))
     return report
+
+
+def _numbers(result: dict) -> dict[str, float]:
+    return {key: value for key, value in result.items() if key not in ("settings", "num_rows")}
 
 
 def _settings(job) -> dict:
