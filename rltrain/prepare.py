@@ -108,6 +108,7 @@ def warm_start(cfg: DictConfig, base_path: str, train_rows: list[dict]) -> str:
     """SFT the base model on the task (cached by a hash of its inputs); returns the model dir to train."""
     import torch
 
+    from rltrain.env.delethink import sft_chunking
     from rltrain.sft import run_sft, sft_cache_key
 
     sc = cfg.sft
@@ -116,6 +117,9 @@ def warm_start(cfg: DictConfig, base_path: str, train_rows: list[dict]) -> str:
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "seed": cfg.run.seed,
     }
+    chunking = sft_chunking(cfg.env)  # Delethink: targets chunked as episodes are (None keeps other keys as they were)
+    if chunking is not None:
+        settings["chunking"] = chunking
     out_dir = os.path.join(os.path.expanduser(sc.output), sft_cache_key(base_path, settings))
     if os.path.isfile(os.path.join(out_dir, "config.json")):
         log.info("SFT warm start: reusing %s", out_dir)
@@ -138,6 +142,7 @@ def warm_start(cfg: DictConfig, base_path: str, train_rows: list[dict]) -> str:
             template=cfg.data.template,
             system_prompt=cfg.data.system_prompt,
             seed=cfg.run.seed,
+            chunking=chunking,
         )
     finally:
         torch.set_num_threads(threads)

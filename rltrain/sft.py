@@ -76,8 +76,10 @@ def run_sft(
     system_prompt: str | None = None,
     seed: int = 0,
     on_step=None,
+    chunking: tuple[int, int] | None = None,
 ) -> str:
-    """Train ``steps`` optimizer steps of SFT from ``base_model``; save an HF dir at ``out_dir`` atomically."""
+    """Train ``steps`` optimizer steps of SFT from ``base_model``; save an HF dir at ``out_dir`` atomically.
+    ``chunking`` (chunk_tokens, carryover_tokens): targets cut into Delethink chunks (rltrain/env/delethink.py)."""
     from rltrain.data.stream import PromptStream
     from rltrain.learner.torch_learner import TorchLearner
 
@@ -91,6 +93,10 @@ def run_sft(
         seed=seed,
     )
     prompts, targets = encode_sft_rows(rows, learner.tokenizer, template, system_prompt)
+    if chunking is not None:
+        from rltrain.env.delethink import chunk_sft_pairs
+
+        prompts, targets = chunk_sft_pairs(prompts, targets, *chunking)
     stream = PromptStream([{"index": i} for i in range(len(prompts))], batch_size, seed)
     loss_fn = CrossEntropyLoss()
     start = time.time()

@@ -189,7 +189,7 @@ class Trainer:
             ancestors=traj.ancestors,
         )
         if episodic:  # the environment rewarded the episodes; observation tokens leave the loss
-            batch = batch.replace(response_mask=traj.loss_mask(batch.response_mask.shape[1]))
+            batch = traj.shape_batch(batch)
             graded, primary = traj.graded(), EPISODE_REWARD
         else:
             completions = [

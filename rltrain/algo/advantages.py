@@ -30,6 +30,7 @@ from rltrain.types import RolloutBatch
 
 # filled from the batch by advantages_for_batch, never from the config
 _BATCH_PARAMS = ("token_counts", "response_mask", "kl_penalty")
+EPISODE_KEY = "env/episode"  # batch extras [B] long: rows of one (group, episode) are chunks of one sample
 
 
 def _check_inputs(rewards: Tensor, group: Tensor, ancestors: Tensor | None) -> None:
@@ -248,8 +249,34 @@ def advantages_for_batch(
         kwargs["kl_penalty"] = kl_penalty
     elif kl_penalty is not None:
         rewards = rewards - (kl_penalty * batch.response_mask).sum(dim=1)
-    values = fn(rewards, batch.group, batch.ancestors, **kwargs)
+    if EPISODE_KEY in batch.extras:
+        values = _per_episode(fn, name, rewards, batch, kwargs)
+    else:
+        values = fn(rewards, batch.group, batch.ancestors, **kwargs)
     shape = tuple(values.shape)
     if shape not in ((batch.batch_size,), tuple(batch.response_mask.shape)) or not torch.isfinite(values).all():
         raise ValueError(f"advantage {name!r} returned a non-finite or mis-shaped tensor {shape}")
     return (values[:, None] if values.dim() == 1 else values) * batch.response_mask
+
+
+def _per_episode(fn: Any, name: str, rewards: Tensor, batch: RolloutBatch, kwargs: dict[str, Any]) -> Tensor:
+    """[B] advantages when rows are chunks of episodes (Delethink, docs/environments.md): the estimator sees one
+    sample per (group, ``extras[EPISODE_KEY]``) with the episode's reward (KL folded in: its rows' sum) and token
+    count; each row gets its episode's value. Per-token estimators (``response_mask``) need whole sequences."""
+    if "response_mask" in kwargs or "kl_penalty" in kwargs:
+        raise ValueError(f"advantage {name!r} is per token; rows that are chunks of episodes need a [B] estimator")
+    if len(rewards) == 0:
+        return fn(rewards, batch.group, None, **kwargs)  # the estimator's own empty-batch error
+    keys = torch.stack([batch.group, batch.extras[EPISODE_KEY].long()], dim=1)
+    _, episode = torch.unique(keys, dim=0, return_inverse=True)  # [B] -> episode number
+    count, rows = int(episode.max()) + 1, torch.arange(len(episode))
+    first = torch.full((count,), len(episode)).scatter_reduce(0, episode, rows, "amin")
+    kl_folded = torch.zeros(count, dtype=rewards.dtype).index_add_(0, episode, rewards - batch.rewards.to(rewards))
+    episode_kwargs = dict(kwargs)
+    if "token_counts" in kwargs:
+        counts = kwargs["token_counts"]
+        episode_kwargs["token_counts"] = torch.zeros(count, dtype=counts.dtype).index_add_(0, episode, counts)
+    values = fn(batch.rewards.to(rewards)[first] + kl_folded, batch.group[first], None, **episode_kwargs)
+    if values.dim() != 1:
+        raise ValueError(f"advantage {name!r} returned {tuple(values.shape)}; episodes need one value each")
+    return values[episode]

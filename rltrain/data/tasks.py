@@ -18,7 +18,7 @@ from fractions import Fraction
 from typing import Any
 
 from rltrain.config import ConfigError, check_kwargs
-from rltrain.data import tool_tasks
+from rltrain.data import chain_tasks, tool_tasks
 
 _MAX_DRAWS_PER_ROW = 200  # rejection-sampling budget before concluding the question space is too small
 
@@ -192,6 +192,7 @@ TASKS: dict[str, tuple[Callable[..., Question], Callable[..., None]]] = {
     "countdown": (countdown, _check_countdown_params),
     "calculator": (tool_tasks.calculator, tool_tasks.check_calculator),  # environment recipes (tool_tasks.py)
     "countdown_retry": (tool_tasks.countdown_retry, tool_tasks.check_countdown_retry),
+    "addition_chain": (chain_tasks.addition_chain, chain_tasks.check_addition_chain),  # recipe delethink
 }
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from rltrain.env.delethink import DELETHINK
+from rltrain.env.delethink import chunking as delethink_chunking
 from rltrain.env.resolve import env_name
 from rltrain.sampling.episodes import EPISODE_REWARD, EpisodeLimits, Episodes, EpisodeSampler
 
@@ -22,14 +24,19 @@ EVAL_CHUNK_PROMPTS = 64
 def episode_sampler(cfg: Any, runtime: Any, tokenizer: Any, n: int | None = None) -> EpisodeSampler:
     """The EpisodeSampler of a run: ``runtime.generate`` for model turns, ``runtime.env_calls`` for environment
     turns, observations tokenized by ``tokenizer`` (no special tokens added), ``n`` (default ``rollout.n``)
-    episodes per prompt."""
+    episodes per prompt. ``env.fn=delethink``: the DelethinkSampler (chunked episodes, env.params the chunking)."""
     limits = EpisodeLimits(
         max_turns=cfg.env.max_turns,
         max_tokens=cfg.env.max_tokens,
         on_error=cfg.reward.on_error,
         max_error_frac=cfg.reward.max_error_frac,
     )
-    return EpisodeSampler(
+    sampler, chunking = EpisodeSampler, {}
+    if cfg.env.fn == DELETHINK:
+        from rltrain.env.delethink_sampler import DelethinkSampler
+
+        sampler, chunking = DelethinkSampler, delethink_chunking(cfg.env.params)
+    return sampler(
         runtime.generate,
         runtime.env_calls,
         encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
@@ -38,6 +45,7 @@ def episode_sampler(cfg: Any, runtime: Any, tokenizer: Any, n: int | None = None
         limits=limits,
         env_name=env_name(cfg.env.fn),
         num_env_workers=cfg.reward.num_workers,
+        **chunking,
     )
 
 
@@ -58,13 +66,21 @@ def episode_summary(chunks: list[Episodes], prefix: str) -> dict[str, float]:
     """Accuracy, reward, model-token length and environment metrics over every episode of ``chunks``."""
     from rltrain.eval.run import correctness
 
+    episodes = [chunk.episode_rows() for chunk in chunks]  # rows of each episode (Delethink: one per chunk)
+    firsts = [torch.tensor([rows[0] for rows in chunk_rows], dtype=torch.long) for chunk_rows in episodes]
     graded = [chunk.graded() for chunk in chunks]
-    rewards = torch.cat([result.rewards for result in graded])
+    rewards = torch.cat([result.rewards[first] for result, first in zip(graded, firsts)])
     keys = set.intersection(*(set(result.parts) for result in graded))
-    parts = {key: torch.cat([result.parts[key] for result in graded]) for key in keys}
-    model_tokens = torch.tensor([float(sum(mask)) for chunk in chunks for mask in chunk.loss_masks])
+    parts = {key: torch.cat([result.parts[key][first] for result, first in zip(graded, firsts)]) for key in keys}
+    model_tokens = torch.tensor(
+        [
+            float(sum(sum(chunk.loss_masks[row]) for row in rows))
+            for chunk, rows_of in zip(chunks, episodes)
+            for rows in rows_of
+        ]
+    )
     turns = torch.tensor([float(m.value) for chunk in chunks for m in [chunk.metrics["env/turns_mean"]]])
-    sizes = torch.tensor([float(len(chunk.results)) for chunk in chunks])
+    sizes = torch.tensor([float(len(rows_of)) for rows_of in episodes])
     truncated = torch.tensor([chunk.metrics["env/truncated_frac"].value for chunk in chunks])
     metrics = {
         f"{prefix}accuracy": float(correctness(parts, rewards, EPISODE_REWARD).float().mean()),

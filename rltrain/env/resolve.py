@@ -1,7 +1,7 @@
 """Resolve ``env.fn`` to an environment class and check the ``env.*`` options (the one place they are checked).
 
-``env.fn`` is a built-in name (``calculator``, ``feedback``), ``path/to/file.py:Class`` or ``pkg.mod:Class``,
-loaded the way ``reward.functions`` entries are (rltrain/grading/resolve.py). No torch import: grader
+``env.fn`` is a built-in name (``calculator``, ``feedback``, ``delethink``), ``path/to/file.py:Class`` or
+``pkg.mod:Class``, loaded the way ``reward.functions`` entries are (rltrain/grading/resolve.py). No torch import: grader
 processes resolve the class again.
 """
 
@@ -17,6 +17,7 @@ from rltrain.grading.resolve import _absolute_ref, load_function
 BUILTIN_ENVS = {
     "calculator": "rltrain.env.calculator:CalculatorEnv",
     "feedback": "rltrain.env.feedback:FeedbackEnv",
+    "delethink": "rltrain.env.delethink:DelethinkEnv",
 }
 
 
@@ -47,6 +48,9 @@ def load_env_class(fn: str, params: Mapping[str, Any]) -> type:
         raise ConfigError(f"env.params={dict(params)!r}: {env_name(fn)}({', '.join(params)}) fails: {error}") from error
     except ValueError:
         pass  # no signature to read (a builtin type): the first call reports a mismatch
+    check = getattr(cls, "check_params", None)
+    if callable(check):
+        check(**params)  # the class's own value checks (ConfigError naming the key)
     return cls
 
 

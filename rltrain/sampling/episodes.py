@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rltrain.algo.advantages import EPISODE_KEY
 from rltrain.grading.grader import GradeResult
 from rltrain.grading.limits import ErrorBudget, consecutive_timeout_limit
 from rltrain.grading.pool import SKIPPED, Outcome
 from rltrain.grading.worker import ERROR_KINDS
 from rltrain.metrics import MEAN, SUM, Metric
 from rltrain.sampling.flat import GenerateFn, Trajectories
-from rltrain.types import FinishReason, GenRequest, GenResult, SamplingParams, TokenStats
+from rltrain.types import FinishReason, GenRequest, GenResult, RolloutBatch, SamplingParams, TokenStats
 
 EnvCallsFn = Callable[[list[tuple[dict, list[tuple[str, tuple[int, ...]]]]]], list[Outcome]]
 EPISODE_REWARD = "env"  # reward part of the episode return; "env/<metric>" parts hold the summed env metrics
@@ -93,6 +94,24 @@ class Episodes(Trajectories):
     loss_masks: list[tuple[int, ...]] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     reward_parts: dict[str, list[float]] = field(default_factory=dict)
+    episode_index: list[int] = field(default_factory=list)  # row -> its episode when rows are chunks (Delethink)
+
+    def shape_batch(self, batch: RolloutBatch) -> RolloutBatch:
+        """``batch`` (built from these trajectories) with the loss mask and, when rows are chunks of episodes,
+        ``extras[EPISODE_KEY]`` (the advantage estimator's sample of each row)."""
+        batch = batch.replace(response_mask=self.loss_mask(batch.response_mask.shape[1]))
+        if not self.episode_index:
+            return batch
+        return batch.replace(extras={**batch.extras, EPISODE_KEY: torch.tensor(self.episode_index, dtype=torch.long)})
+
+    def episode_rows(self) -> list[list[int]]:
+        """The rows of each episode, in episode order (one row each unless rows are chunks)."""
+        if not self.episode_index:
+            return [[row] for row in range(len(self.results))]
+        rows: dict[int, list[int]] = {}
+        for row, episode in enumerate(self.episode_index):
+            rows.setdefault(episode, []).append(row)
+        return list(rows.values())
 
     def loss_mask(self, width: int) -> Tensor:
         """[B, width] float: 1 on model-sampled tokens, 0 on observations and padding."""
