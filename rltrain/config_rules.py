@@ -23,7 +23,16 @@ CHOICES = {
     "rollout.sampler": ("flat", "tree"),
     "learner.backend": ("torch", "deepspeed"),
     "learner.lr_schedule": ("constant", "cosine", "linear"),
-    "data.task": ("arithmetic", "countdown", "calculator", "countdown_retry", "jsonl", "parquet", "hf"),
+    "data.task": (
+        "arithmetic",
+        "countdown",
+        "calculator",
+        "countdown_retry",
+        "addition_chain",
+        "jsonl",
+        "parquet",
+        "hf",
+    ),
     "data.template": ("plain", "chat"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "cluster.mode": ("local", "address"),
@@ -193,15 +202,10 @@ def _validate_eval_sets(cfg: DictConfig) -> None:
 
 
 def _validate_packing(cfg: DictConfig) -> None:
-    if cfg.learner.share_prefixes and cfg.learner.backend != "torch":
-        key = setting("learner.share_prefixes", cfg.learner.share_prefixes)
-        raise ConfigError(f"{key}: torch learner only for now (got learner.backend={cfg.learner.backend})")
     budget = cfg.learner.max_tokens_per_micro_batch
     if budget is None:
         return
     key = setting("learner.max_tokens_per_micro_batch", budget)
-    if cfg.learner.backend != "torch":
-        raise ConfigError(f"{key}: torch learner only for now (got learner.backend={cfg.learner.backend})")
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens
     if budget < longest:
         raise ConfigError(

@@ -82,9 +82,9 @@ def learner_options(cfg: DictConfig, total_optimizer_steps: int) -> dict[str, An
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "seed": cfg.run.seed,
     }
-    if lc.max_tokens_per_micro_batch is not None:  # torch learner only: validation refuses it for DeepSpeed
+    if lc.max_tokens_per_micro_batch is not None:  # packed micro-batches (rltrain/learner/micro_batches.py)
         options["max_tokens_per_micro_batch"] = lc.max_tokens_per_micro_batch
-    if lc.share_prefixes:  # torch learner only, as the budget
+    if lc.share_prefixes:
         options["share_prefixes"] = True
     if lc.lora.rank > 0:  # LoRA adapters (rltrain/learner/lora.py); rank 0 trains every weight
         options["lora"] = OmegaConf.to_container(lc.lora, resolve=True)

@@ -2,9 +2,12 @@
 
 Rendezvous is rltrain's own: rank 0's actor picks a free port on its node and every actor joins the
 torch.distributed group with MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE (gloo on CPU; nccl when the
-Ray cluster has a GPU for every rank). A batch is sharded across ranks by whole rows, balanced by tokens
+Ray cluster has a GPU for every rank). A batch is sharded across ranks by whole rows (whole prompt groups when
+sharing prefixes, so that a group's prompt and tree are computed once), balanced by the tokens the ranks compute
 (deterministically); every rank normalises its loss by the whole batch's counts, so one step equals the
-single-process learner's step on the whole batch (see rltrain/learner/deepspeed_learner.py).
+single-process learner's step on the whole batch (see rltrain/learner/deepspeed_learner.py). The driver plans
+each rank's micro-batches with the torch learner's rule (``MicroBatching``), and every rank runs as many as the
+rank with the most, fillers included.
 
 All rank methods are collective: a failure on one rank leaves the others blocked in a collective, so the
 group shuts itself down and re-raises the first error instead of hanging (a dead rank as a RunError naming it,
@@ -17,6 +20,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,20 +30,19 @@ from rltrain.dist.groups import actor_labels, get_named
 from rltrain.dist.placement import actor_uses_gpu, gpus_per_actor
 from rltrain.dist.weight_sync import WeightSender, free_address
 from rltrain.learner.base import LossFn, LossNorm
+from rltrain.learner.micro_batches import MicroBatching
+from rltrain.learner.packing import token_counts
+from rltrain.learner.tree_packing import shared_token_count
 from rltrain.types import RolloutBatch
 
 _GROUP_KEYS = ("zero_stage", "offload_optimizer", "offload_params", "export_bucket_mb")
 
 
-def row_tokens(batch: RolloutBatch) -> list[int]:
-    """Real tokens per row: prompt tokens + trained-on response tokens (what a trimmed forward costs)."""
-    return (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).long().tolist()
-
-
 def shard_rows_by_tokens(tokens: Sequence[int], world_size: int) -> list[list[int]]:
-    """Row indices per rank, balanced by tokens: largest rows first onto the least-loaded rank.
+    """Indices of ``tokens`` (rows, or prompt groups) per rank, balanced by tokens: largest first onto the
+    least-loaded rank.
 
-    Deterministic (ties go to the lower row index and the lower rank). Each shard lists its rows longest
+    Deterministic (ties go to the lower index and the lower rank). Each shard lists its indices longest
     first, so that consecutive rows (one micro-batch) have similar lengths and little padding.
     """
     if world_size < 1:
@@ -54,16 +57,56 @@ def shard_rows_by_tokens(tokens: Sequence[int], world_size: int) -> list[list[in
     return shards
 
 
-def micro_batch_count(shards: Sequence[Sequence[int]], micro_batch_size: int) -> int:
-    """Micro-batches every rank runs: the most any shard needs (at least one)."""
-    return max(1, max(-(-len(shard) // micro_batch_size) for shard in shards))
+def shard_rows(batch: RolloutBatch, world_size: int, share_prefixes: bool) -> list[list[int]]:
+    """Row indices of ``batch`` per rank, balanced by the tokens each rank computes (``shard_rows_by_tokens``).
+
+    Rows are the units (their packed length, ``token_counts``); when sharing prefixes whole prompt groups are,
+    weighed by their prefix-shared size, so no group is split over ranks and computed twice.
+    """
+    if not share_prefixes:
+        return shard_rows_by_tokens(token_counts(batch), world_size)
+    groups: dict[int, list[int]] = {}
+    for row, group in enumerate(batch.group.tolist()):
+        groups.setdefault(group, []).append(row)
+    members = list(groups.values())
+    sizes = [shared_token_count(batch.select(rows)) for rows in members]
+    return [[row for g in shard for row in members[g]] for shard in shard_rows_by_tokens(sizes, world_size)]
 
 
-def filler_row(batch: RolloutBatch, tokens: Sequence[int]) -> RolloutBatch:
-    """The shortest row with nothing trained on: what a rank with fewer rows forwards to keep collectives in step."""
-    shortest = min(range(len(tokens)), key=lambda i: (tokens[i], i))
-    row = batch.select([shortest])
-    return row.replace(response_mask=torch.zeros_like(row.response_mask))
+def micro_batch_count(micro_rows: Sequence[Sequence[Sequence[int]]]) -> int:
+    """Micro-batches every rank runs: the most any rank's plan has (at least one)."""
+    return max(1, max(len(rows) for rows in micro_rows))
+
+
+def filler_row(batch: RolloutBatch) -> RolloutBatch:
+    """What a rank with fewer micro-batches forwards to keep collectives in step: the shortest row, cut to its
+    first response token, so that every forward (padded, packed, shared) computes one prediction. Its loss is
+    multiplied by 0."""
+    tokens = token_counts(batch)
+    row = batch.select([min(range(len(tokens)), key=lambda i: (tokens[i], i))])
+    first_only = torch.zeros_like(row.response_mask)
+    first_only[:, 0] = 1
+    return row.replace(response_mask=first_only)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One batch on the ranks: ``shards[rank]`` (row indices of the batch), ``micro_rows[rank]`` (shard row indices
+    of each micro-batch), ``num_micro`` (micro-batches every rank runs, fillers included) and the ``filler``."""
+
+    shards: list[list[int]]
+    micro_rows: list[list[list[int]]]
+    num_micro: int
+    filler: RolloutBatch
+
+
+def plan_step(batch: RolloutBatch, world_size: int, batching: MicroBatching) -> StepPlan:
+    """Shard ``batch`` over ``world_size`` ranks and plan each rank's micro-batches (deterministic)."""
+    if batch.batch_size == 0:
+        raise ValueError("the DeepSpeed learner got an empty batch")
+    shards = shard_rows(batch, world_size, batching.share_prefixes)
+    micro_rows = [batching.rows(batch.select(shard)) if shard else [] for shard in shards]
+    return StepPlan(shards, micro_rows, micro_batch_count(micro_rows), filler_row(batch))
 
 
 class DeepSpeedRankWorker(WeightSender):
@@ -92,14 +135,21 @@ class DeepSpeedRankWorker(WeightSender):
         self.learner = DeepSpeedLearner(model_path, rank=rank, world_size=world_size, **options)
 
     def logprobs(
-        self, shard: RolloutBatch, reference: bool, num_micro: int, filler: RolloutBatch, threads: int | None = None
+        self,
+        shard: RolloutBatch,
+        reference: bool,
+        micro_rows: list[list[int]],
+        num_micro: int,
+        filler: RolloutBatch,
+        threads: int | None = None,
     ) -> torch.Tensor:
         use_threads(threads)
-        return self.learner.logprobs(shard, reference, num_micro, filler)
+        return self.learner.logprobs(shard, reference, micro_rows, num_micro, filler)
 
     def train_step(
         self,
         shard: RolloutBatch,
+        micro_rows: list[list[int]],
         loss_fn: LossFn,
         norm: LossNorm,
         num_micro: int,
@@ -107,7 +157,7 @@ class DeepSpeedRankWorker(WeightSender):
         threads: int | None = None,
     ):
         use_threads(threads)
-        return self.learner.train_step(shard, loss_fn, norm, num_micro, filler)
+        return self.learner.train_step(shard, micro_rows, loss_fn, norm, num_micro, filler)
 
     def export_weights(self, bucketed: bool, bucket_mb: int | None = None) -> list:
         """Object refs put by this rank: one ref to {name: tensor}, or one per bucket; [] on ranks other than 0.
@@ -171,7 +221,11 @@ class DeepSpeedLearnerGroup:
             offload_params=rank_options["offload_params"],
         )
         self.zero_stage = int(rank_options["zero_stage"])
-        self.micro_batch_size = int(rank_options["micro_batch_size"])
+        self.batching = MicroBatching(
+            int(rank_options["micro_batch_size"]),
+            rank_options.get("max_tokens_per_micro_batch"),
+            bool(rank_options.get("share_prefixes", False)),
+        )
         self.use_reference = bool(rank_options.get("use_reference", False))
         if placements is None:
             gpus = gpus_per_actor(ray.cluster_resources().get("GPU", 0), "torch", 1, "deepspeed", self.world_size)[1]
@@ -202,28 +256,21 @@ class DeepSpeedLearnerGroup:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return get_named(refs, self.labels, what, on_failure=self.shutdown)
 
-    def _plan(self, batch: RolloutBatch) -> tuple[list[list[int]], int, RolloutBatch]:
-        if batch.batch_size == 0:
-            raise ValueError("the DeepSpeed learner got an empty batch")
-        tokens = row_tokens(batch)
-        shards = shard_rows_by_tokens(tokens, self.world_size)
-        return shards, micro_batch_count(shards, self.micro_batch_size), filler_row(batch, tokens)
-
     def logprobs(self, batch: RolloutBatch, reference: bool = False, threads: int | None = None) -> torch.Tensor:
         """[B,T] logprobs of the response tokens (0 where masked), rows computed on their ranks, each with
         ``threads`` torch threads (None: as started)."""
         if reference and not self.use_reference:
             raise RuntimeError("reference logprobs requested but the learner has no reference model (use_reference)")
-        shards, num_micro, filler = self._plan(batch)
+        plan = plan_step(batch, self.world_size, self.batching)
         parts = self._gather(
             [
-                worker.logprobs.remote(batch.select(shard), reference, num_micro, filler, threads)
-                for worker, shard in zip(self.workers, shards)
+                worker.logprobs.remote(batch.select(shard), reference, rows, plan.num_micro, plan.filler, threads)
+                for worker, shard, rows in zip(self.workers, plan.shards, plan.micro_rows)
             ],
             "logprobs",
         )
         out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
-        for shard, part in zip(shards, parts):
+        for shard, part in zip(plan.shards, parts):
             if shard:
                 out[torch.tensor(shard)] = part
         return out
@@ -231,12 +278,12 @@ class DeepSpeedLearnerGroup:
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn, threads: int | None = None) -> dict[str, float]:
         """One optimizer step over all rows; loss contributions and metrics normalised by the whole batch's counts.
         ``threads``: torch threads per rank (None: as started)."""
-        shards, num_micro, filler = self._plan(batch)
+        plan = plan_step(batch, self.world_size, self.batching)
         norm = LossNorm(global_tokens=max(1, batch.num_tokens), global_seqs=batch.batch_size)
         results = self._gather(
             [
-                worker.train_step.remote(batch.select(shard), loss_fn, norm, num_micro, filler, threads)
-                for worker, shard in zip(self.workers, shards)
+                worker.train_step.remote(batch.select(shard), rows, loss_fn, norm, plan.num_micro, plan.filler, threads)
+                for worker, shard, rows in zip(self.workers, plan.shards, plan.micro_rows)
             ],
             "train_step",
         )

@@ -8,8 +8,14 @@ torch learner on the whole batch:
   micro-batches, all ranks), so the step's gradient is the *sum* of the ranks' gradients. DeepSpeed
   averages gradients over data-parallel ranks, so each rank back-propagates ``world_size * loss``.
 - Collectives: ZeRO-3 gathers parameters inside every forward and ZeRO-2 reduces gradients inside every
-  backward, so all ranks run the same number of micro-batches. A rank with fewer rows runs zero-weight
+  backward, so all ranks run the same number of micro-batches. A rank with fewer micro-batches runs zero-weight
   "filler" micro-batches (one row, loss multiplied by 0) to keep the collectives in step.
+
+Micro-batches are the group's plan (``MicroBatching`` in rltrain/learner/micro_batches.py, the torch learner's
+rule): consecutive padded rows, computed without their all-padding columns, or with
+``max_tokens_per_micro_batch`` / ``share_prefixes`` rows packed padding-free, each distinct prefix once when
+sharing (rltrain/learner/packing.py, rltrain/learner/tree_packing.py). Packed micro-batches hold different numbers
+of rows, so ranks may plan different numbers of them; the fillers even that out as above.
 
 The optimizer is the torch AdamW of ``rltrain/learner/optim.py`` (no JIT-built fused Adam), with the same
 warm-up schedule; gradient clipping is DeepSpeed's (same formula as ``clip_grad_norm_``; ``grad_clip`` None
@@ -44,6 +50,7 @@ from rltrain.config import ConfigError
 from rltrain.learner import lora as _lora
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.logprobs import sequence_logprobs
+from rltrain.learner.micro_batches import MicroBatching, MicroForward, rows_in_batch_order
 from rltrain.learner.optim import build_optimizer, build_scheduler, clip_max_norm
 from rltrain.types import RolloutBatch
 
@@ -192,14 +199,17 @@ def trimmed_logprobs(
     return torch.nn.functional.pad(logprobs, pad), (torch.nn.functional.pad(entropy, pad) if with_entropy else None)
 
 
-def padded_micro_batches(
-    shard: RolloutBatch, micro_batch_size: int, num_micro: int, filler: RolloutBatch
+def rank_micro_batches(
+    shard: RolloutBatch, micro_rows: Sequence[Sequence[int]], num_micro: int, filler: RolloutBatch
 ) -> list[tuple[RolloutBatch, bool]]:
-    """This rank's micro-batches, padded with ``filler`` to ``num_micro``; (micro, is_real) pairs."""
-    real = shard.micro_batches(micro_batch_size) if shard.batch_size else []
-    if len(real) > num_micro:
-        raise ValueError(f"shard of {shard.batch_size} rows needs {len(real)} micro-batches, plan allows {num_micro}")
-    return [(micro, True) for micro in real] + [(filler, False)] * (num_micro - len(real))
+    """This rank's micro-batches (``micro_rows``: shard rows of each), padded with ``filler`` to ``num_micro``;
+    (micro, is_real) pairs."""
+    if len(micro_rows) > num_micro:
+        raise ValueError(
+            f"shard of {shard.batch_size} rows has {len(micro_rows)} micro-batches, plan allows {num_micro}"
+        )
+    real = [(shard.select(rows), True) for rows in micro_rows]
+    return real + [(filler, False)] * (num_micro - len(micro_rows))
 
 
 class DeepSpeedLearner:
@@ -224,6 +234,8 @@ class DeepSpeedLearner:
         total_steps: int = 1,
         grad_clip: float | None = 1.0,
         micro_batch_size: int = 16,
+        max_tokens_per_micro_batch: int | None = None,
+        share_prefixes: bool = False,
         temperature: float = 1.0,
         use_reference: bool = False,
         dtype: str = "float32",
@@ -240,7 +252,8 @@ class DeepSpeedLearner:
             raise ValueError(f"learner.export_bucket_mb must be >= 1, got {export_bucket_mb}")
         torch.manual_seed(seed)
         self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
-        self.micro_batch_size, self.temperature = micro_batch_size, temperature
+        self.temperature = temperature
+        self.batching = MicroBatching(micro_batch_size, max_tokens_per_micro_batch, share_prefixes)
         self.export_bucket_bytes = export_bucket_mb * 2**20
         self.config = deepspeed_config(
             zero_stage=zero_stage,
@@ -290,8 +303,15 @@ class DeepSpeedLearner:
         return engine
 
     @torch.no_grad()
-    def logprobs(self, shard: RolloutBatch, reference: bool, num_micro: int, filler: RolloutBatch) -> Tensor:
-        """[rows, T] logprobs of this rank's rows (collective: every rank runs ``num_micro`` forwards)."""
+    def logprobs(
+        self,
+        shard: RolloutBatch,
+        reference: bool,
+        micro_rows: Sequence[Sequence[int]],
+        num_micro: int,
+        filler: RolloutBatch,
+    ) -> Tensor:
+        """[rows, T] logprobs of this rank's rows in shard order (collective: each rank runs ``num_micro`` forwards)."""
         if reference and not self.use_reference:
             raise RuntimeError("reference logprobs requested but the learner has no reference model (use_reference)")
         model = self.reference if reference and self.reference is not None else self.engine
@@ -300,29 +320,35 @@ class DeepSpeedLearner:
         parts = []
         base_only = _lora.adapter_disabled(self.engine.module) if reference and self.lora is not None else None
         with base_only or contextlib.nullcontext():
-            for micro, real in padded_micro_batches(shard, self.micro_batch_size, num_micro, filler):
-                logprobs = trimmed_logprobs(model, micro.to(self.device), self.temperature)[0]
+            for micro, real in rank_micro_batches(shard, micro_rows, num_micro, filler):
+                logprobs = self._forward(model, micro.to(self.device)).logprobs
                 if real:
                     parts.append(logprobs.float().cpu())
         model.train(was_training)
-        if not parts:
-            return torch.zeros(0, shard.response_ids.shape[1])
-        return torch.cat(parts)
+        return rows_in_batch_order(parts, micro_rows, shard.response_ids.shape)
 
     def train_step(
-        self, shard: RolloutBatch, loss_fn: LossFn, norm: LossNorm, num_micro: int, filler: RolloutBatch
+        self,
+        shard: RolloutBatch,
+        micro_rows: Sequence[Sequence[int]],
+        loss_fn: LossFn,
+        norm: LossNorm,
+        num_micro: int,
+        filler: RolloutBatch,
     ) -> tuple[dict[str, float], dict[str, float]]:
         """One optimizer step (collective). Returns (this rank's metric contributions, step-wide metrics)."""
         self.engine.train()
-        micros = padded_micro_batches(shard, self.micro_batch_size, num_micro, filler)
+        micros = rank_micro_batches(shard, micro_rows, num_micro, filler)
         totals: dict[str, float] = {}
         total_loss = 0.0
-        computed_tokens = 0  # filler micro-batches included: they are computed too
+        computed_tokens = unshared_tokens = 0  # filler micro-batches included: they are computed too
         for index, (micro, real) in enumerate(micros):
             self.engine.set_gradient_accumulation_boundary(index == len(micros) - 1)
             micro = micro.to(self.device)
-            computed_tokens += trimmed_tokens(micro)
-            logprobs, entropy = trimmed_logprobs(self.engine, micro, self.temperature, real and loss_fn.needs_entropy)
+            forward = self._forward(self.engine, micro, real and loss_fn.needs_entropy)
+            computed_tokens += forward.tokens
+            unshared_tokens += forward.unshared_tokens
+            logprobs, entropy = forward.logprobs, forward.entropy
             if real:
                 loss, metrics = loss_fn(logprobs, entropy, micro, norm)
                 total_loss += float(loss.detach())
@@ -344,7 +370,20 @@ class DeepSpeedLearner:
             "perf/grad_norm": _as_float(self.engine.get_global_grad_norm()),
             "perf/lr": lr,
         }
-        return {**totals, "loss/total": total_loss, "perf/learner_tokens": float(computed_tokens)}, step_metrics
+        contributions = {
+            **totals,
+            "loss/total": total_loss,
+            **self.batching.token_metrics(computed_tokens, unshared_tokens),
+        }
+        return contributions, step_metrics
+
+    def _forward(self, model, micro: RolloutBatch, with_entropy: bool = False) -> MicroForward:
+        """One micro-batch's forward: shared or packed (``MicroBatching``), else padded without all-padding columns."""
+        if self.batching.packs:
+            return self.batching.packed_forward(model, micro, self.temperature, with_entropy)
+        logprobs, entropy = trimmed_logprobs(model, micro, self.temperature, with_entropy)
+        tokens = trimmed_tokens(micro)
+        return MicroForward(logprobs, entropy, tokens, tokens)
 
     def export_buckets(self, bucket_mb: int | None = None) -> Iterator[dict[str, Tensor]]:
         """HF-named CPU parameters in buckets of at most ``bucket_mb`` (default ``export_bucket_mb``; a bigger

@@ -136,6 +136,13 @@ def packed_attention_mask(
     return torch.where(mask, zero, torch.finfo(dtype).min)
 
 
+def attention_settings(model: torch.nn.Module) -> tuple[str, torch.dtype]:
+    """(attention implementation, dtype) of the HF model that ``model`` runs: the model itself, or the ``module`` of
+    a wrapper that runs it (a DeepSpeed engine, whose own ``config`` is DeepSpeed's)."""
+    hf_model = getattr(model, "module", model)
+    return hf_model.config._attn_implementation, hf_model.dtype
+
+
 def scatter_rows(values: Tensor, packed: PackedRow, shape: tuple[int, int]) -> Tensor:
     """Per-token ``values`` [N] of a packed row -> [b,T] in the micro-batch's response layout, 0 elsewhere."""
     out = values.new_zeros(shape)
@@ -151,9 +158,7 @@ def packed_sequence_logprobs(
     and S the tokens computed. Only the N predictor positions go through the LM head.
     """
     packed = pack_rows(batch)
-    attention = packed_attention_mask(
-        packed.lengths, model.config._attn_implementation, model.dtype, packed.input_ids.device
-    )
+    attention = packed_attention_mask(packed.lengths, *attention_settings(model), packed.input_ids.device)
     out = model(
         input_ids=packed.input_ids,
         attention_mask=attention,

@@ -31,9 +31,8 @@ from torch import Tensor
 from rltrain.learner import lora as _lora
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.logprobs import response_hidden_and_probs, sequence_logprobs
+from rltrain.learner.micro_batches import MicroBatching, MicroForward, rows_in_batch_order
 from rltrain.learner.optim import build_optimizer, build_scheduler, clip_max_norm, update_is_finite
-from rltrain.learner.packing import packed_micro_batches, packed_sequence_logprobs, token_counts
-from rltrain.learner.tree_packing import group_micro_batches, shared_sequence_logprobs
 from rltrain.types import RolloutBatch
 
 LEARNER_STATE_FILE = "learner_state.pt"
@@ -83,8 +82,7 @@ class TorchLearner:
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, total_steps, lr_schedule)
         self.max_grad_norm = clip_max_norm(grad_clip)
         self.micro_batch_size = micro_batch_size
-        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
-        self.share_prefixes = share_prefixes
+        self.batching = MicroBatching(micro_batch_size, max_tokens_per_micro_batch, share_prefixes)
         self.temperature = temperature
         self.optimizer_steps = 0
 
@@ -95,13 +93,11 @@ class TorchLearner:
         model = self.reference if self.reference is not None and reference else self.model
         was_training = model.training
         model.eval()
-        groups = self._micro_batch_rows(batch)
+        micro_rows = self.batching.rows(batch)
         with _lora.adapter_disabled(model) if reference and self.lora is not None else contextlib.nullcontext():
-            parts = [self._forward(model, batch.select(rows).to(self.device))[0].cpu() for rows in groups]
+            parts = [self._forward(model, batch.select(rows).to(self.device)).logprobs.cpu() for rows in micro_rows]
         model.train(was_training)
-        logprobs = torch.zeros(batch.response_ids.shape)
-        logprobs[torch.tensor([row for rows in groups for row in rows])] = torch.cat(parts)
-        return logprobs
+        return rows_in_batch_order(parts, micro_rows, batch.response_ids.shape)
 
     @torch.no_grad()
     def forward_extras(self, batch: RolloutBatch, extras_fn: Callable[..., dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -138,14 +134,14 @@ class TorchLearner:
         total_loss = 0.0
         computed_tokens = 0
         unshared_tokens = 0
-        for rows in self._micro_batch_rows(batch):
+        for rows in self.batching.rows(batch):
             micro = batch.select(rows).to(self.device)
-            logprobs, entropy, tokens = self._forward(self.model, micro, loss_fn.needs_entropy)
-            loss, metrics = loss_fn(logprobs, entropy, micro, norm)
+            forward = self._forward(self.model, micro, loss_fn.needs_entropy)
+            loss, metrics = loss_fn(forward.logprobs, forward.entropy, micro, norm)
             loss.backward()
             total_loss += float(loss.detach())
-            computed_tokens += tokens
-            unshared_tokens += sum(token_counts(micro)) if self.share_prefixes else tokens
+            computed_tokens += forward.tokens
+            unshared_tokens += forward.unshared_tokens
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         lr = self.scheduler.get_last_lr()[0]
@@ -156,30 +152,16 @@ class TorchLearner:
             "loss/nonfinite_skipped": float(skipped),
             "perf/grad_norm": grad_norm,
             "perf/lr": lr,
-            "perf/learner_tokens": float(computed_tokens),
-            **({"perf/learner_tokens_saved": float(unshared_tokens - computed_tokens)} if self.share_prefixes else {}),
+            **self.batching.token_metrics(computed_tokens, unshared_tokens),
         }
 
-    def _micro_batch_rows(self, batch: RolloutBatch) -> list[list[int]]:
-        """Row indices of each micro-batch: whole prompt groups when sharing prefixes, packed under the token budget,
-        else consecutive chunks of rows."""
-        if self.share_prefixes:
-            return group_micro_batches(batch, self.micro_batch_size, self.max_tokens_per_micro_batch)
-        if self.max_tokens_per_micro_batch is not None:
-            return packed_micro_batches(batch, self.max_tokens_per_micro_batch)
-        return [chunk.tolist() for chunk in torch.arange(batch.batch_size).split(self.micro_batch_size)]
-
-    def _forward(
-        self, model: torch.nn.Module, micro: RolloutBatch, with_entropy: bool = False
-    ) -> tuple[Tensor, Tensor | None, int]:
-        """(logprobs [b,T], entropy [b,T] | None, tokens computed) of one micro-batch, shared, packed or padded."""
-        if self.share_prefixes:
-            logprobs, entropy, packed = shared_sequence_logprobs(model, micro, self.temperature, with_entropy)
-            return logprobs, entropy, packed.tokens
-        if self.max_tokens_per_micro_batch is not None:
-            return packed_sequence_logprobs(model, micro, self.temperature, with_entropy)
+    def _forward(self, model: torch.nn.Module, micro: RolloutBatch, with_entropy: bool = False) -> MicroForward:
+        """One micro-batch's forward: shared or packed (``MicroBatching``), else padded."""
+        if self.batching.packs:
+            return self.batching.packed_forward(model, micro, self.temperature, with_entropy)
         logprobs, entropy = sequence_logprobs(model, micro, self.temperature, with_entropy)
-        return logprobs, entropy, micro.prompt_ids.numel() + micro.response_ids.numel()
+        tokens = micro.prompt_ids.numel() + micro.response_ids.numel()
+        return MicroForward(logprobs, entropy, tokens, tokens)
 
     def _apply_update(self, total_loss: float) -> tuple[float, bool]:
         """Clip and apply the accumulated gradients unless the step is not finite; (grad norm, skipped).

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rltrain.learner.packing import first_fit_decreasing, sequence_lengths
+from rltrain.learner.packing import attention_settings, first_fit_decreasing, sequence_lengths
 from rltrain.types import RolloutBatch
 
 # Attention implementations that take an arbitrary [L,L] mask; varlen kernels (flash, flex via position ids)
@@ -194,7 +194,7 @@ def shared_sequence_logprobs(
     padded path. Only the U distinct predictor positions go through the LM head.
     """
     packed = pack_tree(batch)
-    attention = tree_attention_mask(packed.ancestors, model.config._attn_implementation, model.dtype)
+    attention = tree_attention_mask(packed.ancestors, *attention_settings(model))
     out = model(
         input_ids=packed.input_ids,
         attention_mask=attention,

@@ -15,6 +15,7 @@ from rltrain.config import LearnerConfig  # noqa: E402
 from rltrain.dist.deepspeed_group import (  # noqa: E402
     DeepSpeedLearnerGroup,
     micro_batch_count,
+    plan_step,
     shard_rows_by_tokens,
 )
 from rltrain.learner.deepspeed_learner import (  # noqa: E402
@@ -25,7 +26,7 @@ from rltrain.learner.deepspeed_learner import (  # noqa: E402
 )
 from rltrain.learner.torch_learner import TorchLearner  # noqa: E402
 from rltrain.sft import CrossEntropyLoss, sft_batch  # noqa: E402
-from rltrain.types import RolloutBatch  # noqa: E402
+from rltrain.types import FinishReason, GenResult, RolloutBatch, build_rollout_batch  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -120,8 +121,8 @@ def test_shards_are_token_balanced_whole_rows_and_deterministic():
     assert shards == shard_rows_by_tokens(tokens, 2)
     assert all([tokens[i] for i in shard] == sorted((tokens[i] for i in shard), reverse=True) for shard in shards)
     assert shard_rows_by_tokens([4], 3) == [[0], [], []]
-    assert micro_batch_count([[0], [], []], 2) == 1
-    assert micro_batch_count([[0, 1, 2], [3]], 2) == 2
+    assert micro_batch_count([[[0]], [], []]) == 1
+    assert micro_batch_count([[[0, 1], [2]], [[3]]]) == 2
 
 
 def test_buckets_respect_the_byte_bound_and_keep_order():
@@ -180,12 +181,17 @@ def test_resume_refuses_a_foreign_or_mismatched_checkpoint(tmp_path):
 # ---- equivalence with the torch learner ------------------------------------------------------------------
 
 
-# Every ZeRO stage on two ranks; one rank only for stage 3 (stages 1 and 2 on one rank partition nothing).
-@pytest.mark.parametrize("zero_stage,world_size", [(1, 2), (2, 2), (3, 2), (3, 1)])
-def test_one_step_equals_the_torch_learner(tiny_model_dir, torch_reference, zero_stage, world_size):
-    group = DeepSpeedLearnerGroup(learner_cfg(world_size, zero_stage), tiny_model_dir, OPTIONS)
+# Every ZeRO stage on two ranks; one rank only for stage 3 (stages 1 and 2 on one rank partition nothing). ZeRO-2 packs
+# its micro-batches under a token budget instead (packed rows, against the torch reference's padded ones): the ranks
+# hold 40 and 38 tokens, so at 38 rank 0 packs two micro-batches and rank 1 one and a filler.
+@pytest.mark.parametrize("zero_stage,world_size,budget", [(1, 2, None), (2, 2, 38), (3, 2, None), (3, 1, None)])
+def test_one_step_equals_the_torch_learner(tiny_model_dir, torch_reference, zero_stage, world_size, budget):
+    options = {**OPTIONS, "max_tokens_per_micro_batch": budget} if budget else OPTIONS
+    group = DeepSpeedLearnerGroup(learner_cfg(world_size, zero_stage), tiny_model_dir, options)
     try:
         batch = torch_reference["batch"]
+        if budget:
+            assert [len(rows) for rows in plan_step(batch, world_size, group.batching).micro_rows] == [2, 1]
         torch.testing.assert_close(group.logprobs(batch), torch_reference["logprobs"], atol=PARAM_TOL, rtol=0)
         metrics = group.train_step(batch, CrossEntropyLoss())
         expected = torch_reference["metrics"]
@@ -207,23 +213,47 @@ def ppo_batch(batch: RolloutBatch, old: torch.Tensor, ref: torch.Tensor, seed: i
     return batch.replace(old_logprobs=old, ref_logprobs=ref, advantages=advantages)
 
 
-def test_policy_loss_with_reference_kl_and_entropy_at_zero3_equals_the_torch_learner(tiny_model_dir):
-    """Sequence-mean aggregation (global sequence count), KL to the sharded reference model, entropy bonus."""
+def tree_batch(seed: int, vocab: int = 512) -> RolloutBatch:
+    """Three prompt groups: a 5-leaf tree over shared 3-token segments (one leaf a prefix of another, an untrained
+    token mid-response), a flat group of 3 that shares only its prompt, and a pair."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b, c = (torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (6, 4, 9))
+    s = [torch.randint(3, vocab, (3,), generator=gen).tolist() for _ in range(10)]
+    responses = [s[0] + s[1], s[0] + s[1] + s[2], s[0] + s[3], s[4] + s[5], s[4], s[6], s[7], s[6] + s[5], s[8], s[9]]
+    results = [GenResult(tuple(r), (0.0,) * len(r), FinishReason.STOP) for r in responses]
+    batch = build_rollout_batch(
+        [a] * 5 + [b] * 3 + [c] * 2, results, group=[0] * 5 + [1] * 3 + [2] * 2, policy_version=0
+    )
+    mask = batch.response_mask.clone()
+    mask[1, 4] = 0.0
+    return batch.replace(response_mask=mask)
+
+
+def test_prefix_shared_policy_loss_with_reference_kl_and_entropy_at_zero3_equals_the_padded_torch_learner(
+    tiny_model_dir,
+):
+    """``share_prefixes`` on 2 ZeRO-3 ranks against the padded torch learner: sequence-mean aggregation (global sequence
+    count), KL to the sharded reference model (its forward prefix-shared too), entropy bonus. The tree is alone on rank
+    0 (one micro-batch and a filler), the other two groups on rank 1 (two micro-batches of at most 3 rows)."""
     from rltrain.algo import make_loss_fn
 
     options = {**OPTIONS, "use_reference": True}
     loss_fn = make_loss_fn(loss_agg="seq_mean_token_mean", kl_coef=0.1, entropy_coef=0.01)
-    batch = uneven_batch(seed=2, rows=5)  # 5 rows at micro size 3 over 2 ranks
+    batch = tree_batch(seed=2)
     torch_learner = TorchLearner(tiny_model_dir, **options)
-    group = DeepSpeedLearnerGroup(learner_cfg(2, 3), tiny_model_dir, options)
+    group = DeepSpeedLearnerGroup(learner_cfg(2, 3), tiny_model_dir, {**options, "share_prefixes": True})
     try:
+        plan = plan_step(batch, 2, group.batching)
+        assert plan.shards[0] == [0, 1, 2, 3, 4] and [len(rows) for rows in plan.micro_rows] == [1, 2]
         old, ref = group.logprobs(batch), group.logprobs(batch, reference=True)
+        torch.testing.assert_close(old, torch_learner.logprobs(batch), atol=PARAM_TOL, rtol=0)
         torch.testing.assert_close(ref, torch_learner.logprobs(batch, reference=True), atol=PARAM_TOL, rtol=0)
         train = ppo_batch(batch, old, ref, seed=3)
         metrics = group.train_step(train, loss_fn)
         expected = torch_learner.train_step(train, loss_fn)
         for key in ("loss/policy", "loss/kl", "loss/entropy", "loss/total", "perf/grad_norm"):
             assert metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+        assert metrics["perf/learner_tokens_saved"] > 0
         assert max_param_diff(ray.get(group.export_weights_ref()), torch_learner.state_dict_cpu()) <= PARAM_TOL
         # The reference model stays the initial policy after the step.
         torch.testing.assert_close(group.logprobs(batch, reference=True), ref, atol=0, rtol=0)

@@ -215,9 +215,15 @@ def test_the_budget_must_hold_the_longest_sequence():
     validate(_config(["data.max_prompt_tokens=30", "rollout.max_tokens=10", "learner.max_tokens_per_micro_batch=40"]))
 
 
-def test_deepspeed_refuses_the_budget():
-    with pytest.raises(ConfigError, match="learner.max_tokens_per_micro_batch=512: torch learner only for now"):
-        validate(_config(["learner=deepspeed", "learner.max_tokens_per_micro_batch=512"]))
+def test_deepspeed_takes_the_budget_and_checks_it_alike():
+    validate(_config(["learner=deepspeed", "learner.max_tokens_per_micro_batch=512"]))
+    with pytest.raises(ConfigError, match="learner.max_tokens_per_micro_batch=39: must hold the longest sequence"):
+        validate(
+            _config(
+                ["learner=deepspeed", "data.max_prompt_tokens=30", "rollout.max_tokens=10"]
+                + ["learner.max_tokens_per_micro_batch=39"]
+            )
+        )
 
 
 def test_learner_options_pass_the_budget_only_when_set():

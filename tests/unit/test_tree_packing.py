@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rltrain import algo
-from rltrain.config import ConfigError, register_configs
+from rltrain.config import register_configs
 from rltrain.config_rules import validate
 from rltrain.learner.base import LossNorm
 from rltrain.learner.logprobs import sequence_logprobs
@@ -223,9 +223,8 @@ def _config(overrides):
         return compose(config_name="treepo", overrides=overrides)
 
 
-def test_deepspeed_refuses_shared_prefixes():
-    with pytest.raises(ConfigError, match="learner.share_prefixes=True: torch learner only for now"):
-        validate(_config(["learner=deepspeed", "learner.share_prefixes=true"]))
+def test_deepspeed_takes_shared_prefixes():
+    validate(_config(["learner=deepspeed", "learner.share_prefixes=true"]))
 
 
 def test_learner_options_pass_share_prefixes_only_when_set():
