@@ -208,17 +208,22 @@ def test_sft_targets_are_chunked_like_episodes():
     assert sft_chunking(compose().env) is None
 
 
-def test_addition_chain_trace_writes_running_totals():
-    train, held_out = generate_task("addition_chain", 50, 20, seed=0, num_operands=5, modulus=10)
+def test_addition_chain_trace_counts_down_and_writes_running_totals():
+    train, held_out = generate_task("addition_chain", 50, 20, seed=0, min_steps=3, max_steps=9, modulus=10)
     for row in train + held_out:
-        digits = [int(term[1]) for term in row["prompt"].rstrip(":").split()]
-        totals = [sum(digits[: i + 1]) % 10 for i in range(5)]
-        steps = row["solution"].split()[:-1]
-        assert [int(step.split("=")[1]) for step in steps] == totals
+        start, addend, letter = int(row["prompt"][0]), int(row["prompt"][2]), row["prompt"][4]
+        steps = ord(letter) - ord("a") + 1
+        trace = row["solution"].split()[:-1]
+        assert [step[0] for step in trace] == [chr(ord("a") + k) for k in range(steps - 1, -1, -1)]
+        totals = [(start + addend * (k + 1)) % 10 for k in range(steps)]
+        assert [int(step.split("=")[1]) for step in trace] == totals and {step[1:3] for step in trace} == {f"+{addend}"}
         assert row["answer"] == totals[-1] and graded_answer(row["solution"]) == totals[-1]
+        assert 3 <= steps <= 9
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
-    with pytest.raises(ConfigError, match="num_operands=27"):
-        generate_task("addition_chain", 5, 5, seed=0, num_operands=27)
+    with pytest.raises(ConfigError, match="max_steps=27"):
+        generate_task("addition_chain", 5, 5, seed=0, max_steps=27)
+    with pytest.raises(ConfigError, match="min_steps=9"):
+        generate_task("addition_chain", 5, 5, seed=0, min_steps=9, max_steps=8)
 
 
 def test_grader_reads_the_answer_tag_else_the_last_integer():
