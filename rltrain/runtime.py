@@ -142,6 +142,8 @@ def check_learner_checkpoint(cfg: DictConfig, directory: str) -> None:
 
 class Runtime:
     def __init__(self, cfg: DictConfig, model_path: str, total_optimizer_steps: int):
+        import ray
+
         cpus_needed = plan_run_placement(cfg, cluster_gpus=0).totals()["CPU"]
         plain_ray_logs()
         self.owns_ray = start_ray(cfg.cluster.mode, cfg.cluster.address, cfg.cluster.num_cpus, cpus_needed)
@@ -161,6 +163,7 @@ class Runtime:
                 "options": options,
             },
             placements=[actor_options(self.placement_group, slot) for slot in plan.rollout],
+            wait=False,
         )
         self._reward_args = {
             "threads": 1,
@@ -168,7 +171,7 @@ class Runtime:
             "placement": actor_options(self.placement_group, plan.reward),
             "env_options": env_runner_options(cfg),
         }
-        self.reward = create_reward_worker(**self._reward_args)
+        self.reward = create_reward_worker(**self._reward_args, wait=False)
         self.reward_replacements = 0
         self.learner = create_learner_group(
             cfg,
@@ -176,6 +179,8 @@ class Runtime:
             learner_options(cfg, total_optimizer_steps),
             [actor_options(self.placement_group, slot) for slot in plan.learner],
         )
+        # Every actor starts at once (imports, model loads, engine start-up overlap); wait for all of them here.
+        ray.get([*self.rollout.ready_refs(), self.reward.ready.remote()])
         mode = resolve_weight_sync(
             cfg.rollout.weight_sync, self.cluster_gpus, cfg.cluster.placement, cfg.rollout.tensor_parallel_size
         )

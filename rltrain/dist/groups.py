@@ -160,16 +160,18 @@ def share_params(params: SamplingParams, slot: int) -> SamplingParams:
 class RolloutGroup:
     """N rollout workers with token-balanced data-parallel dispatch and worker replacement."""
 
-    def __init__(self, num_workers: int, worker_args: dict[str, Any], placements: Sequence[dict]):
+    def __init__(self, num_workers: int, worker_args: dict[str, Any], placements: Sequence[dict], wait: bool = True):
         """``placements[slot]``: Ray actor options of worker ``slot`` (its placement-group bundle, see
-        rltrain/dist/placement.py)."""
+        rltrain/dist/placement.py). ``wait=False``: return while the workers start; ``ready_refs()`` says when
+        they are up (a run starts all its actors at once)."""
         import ray
 
         self._placements = list(placements)
         self._remote = ray.remote(max_restarts=0)(RolloutWorker)
         self._args = worker_args
         self.workers = [self._spawn(slot) for slot in range(num_workers)]
-        ray.get([w.ready.remote() for w in self.workers])
+        if wait:
+            ray.get(self.ready_refs())
         # The last synced weights, for a replacement worker: an object ref, or a function returning one (collective
         # syncs leave no ref behind; the learner exports again on demand).
         self._weights: tuple[Any, int] | None = None
@@ -214,6 +216,10 @@ class RolloutGroup:
             for index, output in zip(shares[slot], outputs):
                 results[index] = output
         return results  # type: ignore[return-value]
+
+    def ready_refs(self) -> list:
+        """One object ref per worker, resolved once its engine is up (raises if its start failed)."""
+        return [worker.ready.remote() for worker in self.workers]
 
     def _replace(self, slot: int) -> int:
         """Start a fresh worker in ``slot`` holding the last synced weights; returns its policy version."""
@@ -297,13 +303,19 @@ class RolloutGroup:
 
 
 def create_reward_worker(
-    threads: int, grader_options: dict[str, Any], placement: dict, env_options: dict[str, Any] | None = None
+    threads: int,
+    grader_options: dict[str, Any],
+    placement: dict,
+    env_options: dict[str, Any] | None = None,
+    wait: bool = True,
 ):
-    """The reward actor, in ``placement`` (Ray actor options); ``env_options``: its EnvRunner's, if any."""
+    """The reward actor, in ``placement`` (Ray actor options); ``env_options``: its EnvRunner's, if any.
+    ``wait=False``: return while it starts (its ``ready`` method says when it is up)."""
     import ray
 
     worker = ray.remote(RewardWorker).options(**placement).remote(threads, grader_options, env_options)
-    ray.get(worker.ready.remote())
+    if wait:
+        ray.get(worker.ready.remote())
     return worker
 
 

@@ -95,28 +95,42 @@ def _assert_same_numbers(run_dir, reference: dict[int, dict]) -> None:
             assert abs(record[key] - reference[record["step"]][key]) <= 1e-6, (record["step"], key)
 
 
-def test_two_async_rl_steps_change_parameters_write_the_run_dir_and_log_each_eval_set(tmp_path):
-    """Two RL steps through the asynchronous pipeline (trainer.max_staleness=1: step 2's batch is generated while
-    step 1 trains) with two eval sets: the rollout workers generate them, gsm8k is graded by its own grader, and
-    every pass@k / maj@k for k up to each set's n is logged before RL (step 0) and after it."""
+def test_async_steps_sigkilled_and_resumed_keep_the_bound_change_parameters_and_log_each_eval_set(tmp_path):
+    """The asynchronous pipeline at trainer.max_staleness=2 (the next batches are generated while a step trains)
+    with two eval sets, SIGKILLed once its step-2 checkpoint is written, then resumed with run.resume=auto: every
+    step is logged once, no trained token is more than 2 versions old on either side of the kill, the resumed
+    run's first batch is sampled at the checkpoint's version (the buffer is regenerated, never trained stale), and
+    the eval sets are logged before RL (step 0) and after it. The rollout workers generate the eval sets; gsm8k is
+    graded by its own grader; every pass@k / maj@k for k up to each set's n is logged."""
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
     args = [
         f"run.dir={run_dir}",
-        "trainer.steps=2",
-        "trainer.max_staleness=1",
-        "trainer.save_every=2",
+        PACED_REWARD,  # ~1 s steps: the kill lands while later batches are in flight
+        "trainer.steps=4",
+        "trainer.max_staleness=2",
+        "trainer.save_every=1",
         "trainer.eval_every=0",
         "data.max_prompt_tokens=400",  # GSM8K questions in a byte-level tokenizer
         "trainer.eval_sets=[{name:heldout,n:3,temperature:1.0},{name:gsm8k,limit:4,n:2,max_tokens:8}]",
     ]
-    proc = _rltrain(tmp_path, *args, cache_dir=tmp_path / "cache")  # its own cache: the SFT base is compared
-    assert "held-out pass@1 before RL (SFT base)" in proc.stdout and "after RL (policy)" in proc.stdout  # sampled
+    cache = tmp_path / "cache"  # its own cache: the SFT base is compared
+    with open(tmp_path / "first.out", "w") as out:
+        first = subprocess.Popen(
+            _command(tmp_path, *args, cache_dir=cache), env=_env(), stdout=out, stderr=out, start_new_session=True
+        )
+    ckpts = run_dir / "checkpoints"
+    _poll_until(lambda: (ckpts / "step_2" / "COMPLETE").is_file() or first.poll() is not None)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert (ckpts / "step_2").is_dir(), (tmp_path / "first.out").read_text()[-3000:]
+    proc = _rltrain(tmp_path, *args, "run.resume=auto", cache_dir=cache)
+    assert "after RL (policy)" in proc.stdout
+
     records = _metrics(run_dir)
-    steps = [r["step"] for r in records]
-    assert steps == [0, 1, 2]
-    for step in (0, 2):
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    for step in (0, 4):
         logged = set(records[step])
         for name, n in (("heldout", 3), ("gsm8k", 2)):
             for k in range(1, n + 1):
@@ -126,15 +140,15 @@ def test_two_async_rl_steps_change_parameters_write_the_run_dir_and_log_each_eva
     for record in records[1:]:
         for key in ("reward/mean", "loss/total", "perf/step_time_s", "perf/grad_norm", "perf/buffer_wait_s"):
             assert key in record and record[key] is not None and math.isfinite(record[key]), key
-        assert record["rollout/staleness_max"] <= 1 and record["rollout/stale_dropped"] == 0
-    assert records[1]["rollout/logprob_diff"] < 1e-3  # step 1 is on-policy: the engines sample the learner's weights
-    assert "rollout/logprob_diff" in records[2] or records[2]["rollout/offpolicy_logprob_diff"] > 0
+        assert record["rollout/staleness_max"] <= 2 and record["rollout/stale_dropped"] == 0
+    for on_policy in (1, 3):  # the first batch of each process is sampled with the learner's weights
+        assert records[on_policy]["rollout/staleness_max"] == 0
+        assert records[on_policy]["rollout/logprob_diff"] < 1e-3
     assert "reward/score/mean" in records[1] or any(k.startswith("reward/score") for k in records[1])
     assert os.path.isfile(run_dir / "config.yaml")
     assert any(name.endswith(".png") for name in os.listdir(run_dir))
-    ckpt = run_dir / "checkpoints" / "step_2"
-    policy = AutoModelForCausalLM.from_pretrained(ckpt)
-    sft_dirs = [d for d in (tmp_path / "cache" / "sft").iterdir() if d.is_dir()]
+    policy = AutoModelForCausalLM.from_pretrained(ckpts / "step_4")
+    sft_dirs = [d for d in (cache / "sft").iterdir() if d.is_dir()]
     base = AutoModelForCausalLM.from_pretrained(sft_dirs[0])
     changed = [n for n, p in policy.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert changed, "RL steps did not change any parameter"

@@ -162,31 +162,23 @@ class KillAfterDispatch:
         return ref
 
 
-def test_a_worker_killed_mid_step_is_replaced_and_the_run_continues(trainer):
-    rollout = trainer.runtime.rollout
-    doomed = KillAfterDispatch(rollout.workers[1])
-    rollout.workers[1] = doomed
-    metrics = trainer.step(3)
-    assert doomed.dispatched == 1 and rollout.replacements == 1
-    assert rollout.workers[1] is not doomed
-    # The replacement loaded the current weights before re-running the share, and the step trained and synced.
-    assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
-    assert worker_versions(trainer.runtime) == [3, 3]
-    metrics = trainer.step(4)
-    assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
-    assert worker_versions(trainer.runtime) == [4, 4]
-
-
-def test_the_async_pipeline_with_partial_rollouts_trains_over_vllm_within_the_bound(trainer):
+def test_the_async_pipeline_with_partial_rollouts_and_a_killed_worker_trains_over_vllm_within_the_bound(trainer):
     """trainer.max_staleness=1 with rollout.partial over the same 2 vLLM actors: generation runs in 8-token chunks
-    on the rollout thread while the learner trains; every batch is at most one version old."""
+    on the rollout thread while the learner trains, and worker 1 is killed with a chunk in flight. The replacement
+    joins at the newest published version (a worker at version 0 would be far past the bound: its rows would be
+    dropped and counted), its share is re-run, and every trained token is at most one version old."""
     from omegaconf import OmegaConf
 
     from rltrain.trainer import Trainer
 
     first = trainer.version + 1
+    assert first >= 3  # version 0 is more than one version behind every step below
     async_cfg = {"max_staleness": 1, "steps": first + 2}
     cfg = OmegaConf.merge(trainer.cfg, {"trainer": async_cfg, "rollout": {"partial": True, "partial_chunk_tokens": 8}})
+    rollout = trainer.runtime.rollout
+    replacements = rollout.replacements
+    doomed = KillAfterDispatch(rollout.workers[1])
+    rollout.workers[1] = doomed
     pipelined = Trainer(cfg, trainer.prep, trainer.runtime)
     pipelined.load_state_dict({**trainer.state_dict(), "step": trainer.version})
     try:
@@ -200,6 +192,9 @@ def test_the_async_pipeline_with_partial_rollouts_trains_over_vllm_within_the_bo
                 assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
     finally:
         pipelined.close()
+    assert doomed.dispatched == 1 and rollout.replacements == replacements + 1
+    assert rollout.workers[1] is not doomed
+    assert min(worker_versions(trainer.runtime)) >= first  # each loads the newest published version per batch
 
 
 def test_cli_treepo_over_vllm_with_broadcast_sync_trains_end_to_end(tmp_path):
