@@ -32,7 +32,7 @@ from rltrain.dist.weight_sync import WeightSender, free_address
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.micro_batches import MicroBatching
 from rltrain.learner.packing import token_counts
-from rltrain.learner.tree_packing import shared_token_count
+from rltrain.learner.tree_packing import group_rows, shared_token_count
 from rltrain.types import RolloutBatch
 
 _GROUP_KEYS = ("zero_stage", "offload_optimizer", "offload_params", "export_bucket_mb")
@@ -65,10 +65,7 @@ def shard_rows(batch: RolloutBatch, world_size: int, share_prefixes: bool) -> li
     """
     if not share_prefixes:
         return shard_rows_by_tokens(token_counts(batch), world_size)
-    groups: dict[int, list[int]] = {}
-    for row, group in enumerate(batch.group.tolist()):
-        groups.setdefault(group, []).append(row)
-    members = list(groups.values())
+    members = group_rows(batch)
     sizes = [shared_token_count(batch.select(rows)) for rows in members]
     return [[row for g in shard for row in members[g]] for shard in shard_rows_by_tokens(sizes, world_size)]
 

@@ -11,11 +11,9 @@ torch learner on the whole batch:
   backward, so all ranks run the same number of micro-batches. A rank with fewer micro-batches runs zero-weight
   "filler" micro-batches (one row, loss multiplied by 0) to keep the collectives in step.
 
-Micro-batches are the group's plan (``MicroBatching`` in rltrain/learner/micro_batches.py, the torch learner's
-rule): consecutive padded rows, computed without their all-padding columns, or with
-``max_tokens_per_micro_batch`` / ``share_prefixes`` rows packed padding-free, each distinct prefix once when
-sharing (rltrain/learner/packing.py, rltrain/learner/tree_packing.py). Packed micro-batches hold different numbers
-of rows, so ranks may plan different numbers of them; the fillers even that out as above.
+Micro-batches are the group's plan, by the torch learner's rule (``MicroBatching``, rltrain/learner/micro_batches.py):
+padded rows without their all-padding columns, or rows packed padding-free (``max_tokens_per_micro_batch``,
+``share_prefixes``). Ranks may then plan different numbers of micro-batches; the fillers even that out.
 
 The optimizer is the torch AdamW of ``rltrain/learner/optim.py`` (no JIT-built fused Adam), with the same
 warm-up schedule; gradient clipping is DeepSpeed's (same formula as ``clip_grad_norm_``; ``grad_clip`` None

@@ -216,16 +216,21 @@ def _scatter_rows(values: Tensor, packed: TreePackedRow, shape: torch.Size) -> T
     return values.new_zeros(shape).index_put((packed.rows, packed.columns), values)
 
 
+def group_rows(batch: RolloutBatch) -> list[list[int]]:
+    """Row indices of each prompt group (``batch.group``), groups in order of their first row."""
+    groups: dict[int, list[int]] = {}
+    for row, group in enumerate(batch.group.tolist()):
+        groups.setdefault(group, []).append(row)
+    return list(groups.values())
+
+
 def group_micro_batches(batch: RolloutBatch, max_rows: int, max_tokens: int | None) -> list[list[int]]:
     """Row indices of each prefix-shared micro-batch: whole prompt groups (``batch.group``), first-fit decreasing.
 
     A group is never split, so its shared prompt and tree are computed once. Bins hold at most ``max_tokens``
     shared tokens when given, else at most ``max_rows`` rows; a group above the bound gets a bin of its own.
     """
-    groups: dict[int, list[int]] = {}
-    for row, group in enumerate(batch.group.tolist()):
-        groups.setdefault(group, []).append(row)
-    members = list(groups.values())
+    members = group_rows(batch)
     if max_tokens is None:
         sizes, budget = [len(rows) for rows in members], max_rows
     else:
