@@ -69,6 +69,9 @@ def test_sharing_keeps_each_group_on_one_rank_token_balanced():
     assert sizes == [24, 13, 21] and plan.shards == [[0, 1, 2, 3, 4], [8, 9, 5, 6, 7]]
     # Rank 0 runs its tree as one micro-batch, rank 1 two (groups of 3 and 2 rows at 3 rows each): one filler on rank 0.
     assert [len(rows) for rows in plan.micro_rows] == [1, 2] and plan.num_micro == 2
+    # One group over two ranks: the other rank gets no rows and runs the filler only.
+    lone = plan_step(batch.select([0, 1, 2, 3, 4]), 2, MicroBatching(micro_batch_size=3, share_prefixes=True))
+    assert lone.shards == [[0, 1, 2, 3, 4], []] and lone.micro_rows == [[[0, 1, 2, 3, 4]], []] and lone.num_micro == 1
 
 
 def test_packing_balances_rows_by_packed_tokens_and_plans_each_rank():
