@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from rltrain import algo
-from rltrain.config import register_configs
 from rltrain.dist.deepspeed_group import filler_row, plan_step
 from rltrain.learner.base import LossNorm
 from rltrain.learner.micro_batches import MicroBatching
@@ -20,7 +19,6 @@ from rltrain.learner.packing import token_counts
 from rltrain.learner.tree_packing import shared_token_count
 from rltrain.types import FinishReason, GenResult, build_rollout_batch
 
-register_configs()
 # DeepSpeed's ZeRO collectives still call torch.distributed names torch has renamed (as in the rank actors).
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.[a-z_]+` is deprecated:FutureWarning")
 TOLERANCE = 1e-5
