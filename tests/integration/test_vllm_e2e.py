@@ -162,39 +162,49 @@ class KillAfterDispatch:
         return ref
 
 
-def test_the_async_pipeline_with_partial_rollouts_and_a_killed_worker_trains_over_vllm_within_the_bound(trainer):
-    """trainer.max_staleness=1 with rollout.partial over the same 2 vLLM actors: generation runs in 8-token chunks
-    on the rollout thread while the learner trains, and worker 1 is killed with a chunk in flight. The replacement
-    joins at the newest published version (a worker at version 0 would be far past the bound: its rows would be
-    dropped and counted), its share is re-run, and every trained token is at most one version old."""
+def _pipelined_steps(trainer, state: dict, first: int, max_staleness: int) -> dict:
+    """Steps ``first .. first + 2`` through the asynchronous pipeline (partial rollouts in 8-token chunks) on
+    ``trainer``'s actors from the loop position ``state``; each within the bound. Returns the new loop position."""
     from omegaconf import OmegaConf
 
     from rltrain.trainer import Trainer
 
-    first = trainer.version + 1
-    assert first >= 3  # version 0 is more than one version behind every step below
-    async_cfg = {"max_staleness": 1, "steps": first + 2}
-    cfg = OmegaConf.merge(trainer.cfg, {"trainer": async_cfg, "rollout": {"partial": True, "partial_chunk_tokens": 8}})
-    rollout = trainer.runtime.rollout
-    replacements = rollout.replacements
-    doomed = KillAfterDispatch(rollout.workers[1])
-    rollout.workers[1] = doomed
-    pipelined = Trainer(cfg, trainer.prep, trainer.runtime)
-    pipelined.load_state_dict({**trainer.state_dict(), "step": trainer.version})
+    overrides = {
+        "trainer": {"max_staleness": max_staleness, "steps": first + 2},
+        "rollout": {"partial": True, "partial_chunk_tokens": 8},
+    }
+    pipelined = Trainer(OmegaConf.merge(trainer.cfg, overrides), trainer.prep, trainer.runtime)
+    pipelined.load_state_dict({**state, "step": first - 1})
+    rows = trainer.cfg.trainer.prompts_per_step * trainer.cfg.rollout.n
     try:
         for step in range(first, first + 3):
             metrics = pipelined.step(step)
-            assert metrics["rollout/stale_dropped"] == 0.0 and metrics["rollout/staleness_max"] <= 1
-            lags = [metrics.get(f"rollout/tokens_per_version/lag_{lag}", 0.0) for lag in (0, 1)]
-            rows = trainer.cfg.trainer.prompts_per_step * trainer.cfg.rollout.n
+            assert metrics["rollout/stale_dropped"] == 0.0 and metrics["rollout/staleness_max"] <= max_staleness
+            lags = [metrics.get(f"rollout/tokens_per_version/lag_{lag}", 0.0) for lag in range(max_staleness + 1)]
             assert sum(lags) == pytest.approx(metrics["rollout/response_len_mean"] * rows)
             if "rollout/logprob_diff" in metrics:
                 assert metrics["rollout/logprob_diff"] <= LOGPROB_TOL
     finally:
         pipelined.close()
+    return pipelined.state_dict()
+
+
+def test_the_async_pipeline_with_partial_rollouts_and_a_killed_worker_trains_over_vllm_within_the_bound(trainer):
+    """trainer.max_staleness=1, then 2, with rollout.partial over the same 2 vLLM actors: generation runs in 8-token
+    chunks on the rollout thread while the learner trains. At k=1 worker 1 is killed with a chunk in flight: the
+    replacement joins at the newest published version (a worker at version 0 would be far past the bound: its rows
+    would be dropped and counted) and its share is re-run. Every trained token is at most k versions old."""
+    first = trainer.version + 1
+    assert first >= 3  # a worker at version 0 would be past the bound at every step below
+    rollout = trainer.runtime.rollout
+    replacements = rollout.replacements
+    doomed = KillAfterDispatch(rollout.workers[1])
+    rollout.workers[1] = doomed
+    state = _pipelined_steps(trainer, trainer.state_dict(), first, max_staleness=1)
     assert doomed.dispatched == 1 and rollout.replacements == replacements + 1
     assert rollout.workers[1] is not doomed
     assert min(worker_versions(trainer.runtime)) >= first  # each loads the newest published version per batch
+    _pipelined_steps(trainer, state, first + 3, max_staleness=2)
 
 
 def test_cli_treepo_over_vllm_with_broadcast_sync_trains_end_to_end(tmp_path):
