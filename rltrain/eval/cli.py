@@ -1,7 +1,9 @@
 """``rltrain-eval``: score a model directory (an HF model or an rltrain checkpoint) on ``eval.sets``.
 
 Writes ``<eval.output_dir or run.dir>/samples.jsonl`` (every sample, appended as graded: a re-run resumes) and
-``eval.json`` (per set: its settings and metrics), prints a table. docs/evaluation.md.
+``eval.json`` (per set: its settings and metrics), prints a table. An environment recipe (``env.fn`` set) scores
+episodes on the held-out rows instead (rltrain.eval.episodes; eval.json and the table, no samples.jsonl).
+docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ TABLE_METRICS = ("pass@1", "maj@{n}", "pass@{n}", "avg@{n}", "response_len_mean"
 
 
 def evaluate_model(cfg: DictConfig) -> dict:
-    """Score ``model.path`` on every set of ``eval.sets``; returns the eval.json report."""
+    """Score ``model.path`` on every set of ``eval.sets`` (with ``env.fn``: episodes on ``heldout``); returns the
+    eval.json report."""
     from rltrain.prepare import prepare
 
     specs = parse_eval_sets(cfg.eval.sets, "eval.sets")
