@@ -192,6 +192,12 @@ def _validate_env(cfg: DictConfig) -> None:
     from rltrain.env.resolve import check_env_config
 
     check_env_config(cfg.env, cfg.rollout.sampler)
+    if cfg.env.fn is not None and cfg.trainer.eval_sets:
+        key = setting("trainer.eval_sets", OmegaConf.to_container(cfg.trainer.eval_sets))
+        raise ConfigError(
+            f"{key}: with env.fn set, evaluation is one greedy episode per held-out row through the environment "
+            "(docs/environments.md); eval sets are scored single-turn, so leave trainer.eval_sets empty"
+        )
 
 
 def _validate_eval_sets(cfg: DictConfig) -> None:

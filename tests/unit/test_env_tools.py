@@ -152,3 +152,5 @@ def test_env_config_is_checked_before_the_run(tmp_path):
         validate(compose(["env.fn=calculator", "env.max_turns=0"]))
     with pytest.raises(ConfigError, match="rollout.sampler='tree'"):
         validate(compose(["env.fn=calculator", "rollout.sampler=tree"]))
+    with pytest.raises(ConfigError, match=r"trainer.eval_sets=.*leave trainer.eval_sets empty"):
+        validate(compose(["env.fn=calculator", "trainer.eval_sets=[{name:gsm8k,limit:4}]"]))
