@@ -22,12 +22,12 @@ from typing import Any
 
 from rltrain.bench.report import emit, machine_info
 
-# As rollout-heavy as this model allows on a 2-core CPU: the SFT-warmed tiny model answers in ~5 tokens, so responses
-# cannot be made longer without losing the learning signal; instead vLLM's per-call cost (one worker, 2 prompts x 8
-# samples) is set against a small learner batch: generation + grading is ~36-39% of a synchronous step, ~53-58% with
-# the rollout worker's weight loading (also moved off the learner's path by the pipeline). Time sharing is off so
-# that every setting runs each actor on one thread (the overlapping settings do anyway); with it on the synchronous
-# runs took 21.4 s instead of 22.6 s (docs/benchmarks.md).
+# Rollout-heavy on the quickstart's task: the SFT-warmed tiny model answers countdown in ~5 tokens, so vLLM's per-call
+# cost (one worker, 2 prompts x 8 samples) is set against a small learner batch instead of longer responses (for long
+# responses, the delethink recipe's task as one sequence: docs/benchmarks.md, "Long responses"): generation + grading
+# is ~36-39% of a synchronous step, ~53-58% with the rollout worker's weight loading (also moved off the learner's
+# path by the pipeline). Time sharing is off so that every setting runs each actor on one thread (the overlapping
+# settings do anyway); with it on the synchronous runs took 21.4 s instead of 22.6 s (docs/benchmarks.md).
 ROLLOUT_HEAVY = (
     "rollout.engine=vllm",
     "model.tiny.num_heads=2",
