@@ -2,8 +2,8 @@
 
 The rows of a prompt group share their prompt, and the rows of a TreePO tree (docs/tree.md) also share the
 segments before they fork. A causal model's hidden state at a token depends only on the tokens before it and
-their positions, so rows with equal leading tokens have equal hidden states there: the micro-batch is packed as
-one padding-free row holding each distinct prefix once (a token trie, found by sorting the rows), with an
+their positions, so rows with equal leading tokens have equal hidden states there: each prompt group is packed as
+one padding-free sequence holding each distinct prefix once (a token trie, found by sorting the rows), with an
 attention mask that lets each token see itself and its ancestors only (the tokens of its own path) and position
 ids equal to the token's depth in its path. Each row's logprob of its response token t is gathered from the
 logits at the packed position of its token t-1, so every row sees exactly what it sees alone, its logprobs
@@ -11,7 +11,9 @@ are the unshared path's up to float summation order, and a shared token's gradie
 that use it, as in the unshared backward.
 
 The sharing is by tokens, so it needs no tree ids: prompts are shared across a flat group, forked segments
-across a tree, and rows of different prompts share nothing (their packed paths form separate blocks).
+across a tree, and rows of different prompts share nothing. A micro-batch's groups are laid side by side in
+lanes as wide as its widest group (``pack_lanes``), so attention costs lanes x width^2, not the square of the
+micro-batch's tokens.
 A sequence is what ``packing.sequence_lengths`` keeps: the real prompt tokens and the response up to its last
 trained-on token.
 """
@@ -153,13 +155,14 @@ def shared_token_count(batch: RolloutBatch) -> int:
 
 
 def tree_attention_mask(ancestors: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
-    """The ``attention_mask`` argument [1,1,L,L] of a prefix-shared forward: bool for SDPA, 0 / dtype-min for eager."""
+    """The ``attention_mask`` argument [R,1,L,L] of a prefix-shared forward from ``ancestors`` [R,L,L] (or [L,L]:
+    R = 1): bool for SDPA, 0 / dtype-min for eager."""
     if attn_implementation not in TREE_ATTENTION:
         raise ValueError(
             f"prefix-shared packing needs attention that takes a mask ({' or '.join(TREE_ATTENTION)}), "
             f"the model uses {attn_implementation}"
         )
-    mask = ancestors[None, None]
+    mask = (ancestors if ancestors.dim() == 3 else ancestors[None])[:, None]
     if attn_implementation == "sdpa":
         return mask
     zero = torch.zeros((), dtype=dtype, device=mask.device)
@@ -185,35 +188,99 @@ def gathered_logprobs(
     return logprobs, entropy
 
 
+@dataclass(frozen=True)
+class TreePackedLanes:
+    """A micro-batch's prompt groups, each packed once (``pack_tree``), laid side by side in R lanes of width W.
+
+    A lane holds whole groups (first-fit decreasing into the widest group's size), so attention costs
+    R x W^2 instead of (R x W)^2 for one packed row of every group; a lane's unused tail is padding that attends
+    only to itself. input_ids, position_ids [R,W]; ancestors [R,W,W] bool; kept [U] the sorted positions whose
+    logits are computed in every lane; token_index [N] (into the [R*U] lane-major kept logits), rows [N], columns
+    [N]: for each response token, the logits that predict it and where it sits in the micro-batch's [b,T]
+    response tensors. ``tokens``: the distinct prefix tokens of all groups (padding not counted);
+    ``unshared_tokens``: the tokens the rows hold without sharing.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    ancestors: Tensor
+    kept: Tensor
+    token_index: Tensor
+    rows: Tensor
+    columns: Tensor
+    tokens: int
+    unshared_tokens: int
+
+
+def pack_lanes(batch: RolloutBatch) -> TreePackedLanes:
+    """The prompt groups (``batch.group``) of ``batch`` as ``TreePackedLanes``."""
+    members = group_rows(batch)
+    groups = [pack_tree(batch.select(rows)) for rows in members]
+    sizes = [group.tokens for group in groups]
+    lanes = first_fit_decreasing(sizes, max(sizes))
+    width = max(sum(sizes[g] for g in lane) for lane in lanes)
+    device = batch.response_ids.device
+    ids = torch.zeros(len(lanes), width, dtype=torch.long, device=device)
+    positions = torch.zeros_like(ids)
+    # Padding sees itself only: a query with no key would make the softmax NaN, which the backward spreads.
+    ancestors = torch.eye(width, dtype=torch.bool, device=device).repeat(len(lanes), 1, 1)
+    lane_of, predictor, rows, columns = [], [], [], []
+    for lane, members_of_lane in enumerate(lanes):
+        offset = 0
+        for g in members_of_lane:
+            group, span = groups[g], slice(offset, offset + sizes[g])
+            ids[lane, span] = group.input_ids[0]
+            positions[lane, span] = group.position_ids[0]
+            ancestors[lane, span, span] = group.ancestors
+            predictor.append(group.predictors[group.predictor_index] + offset)
+            lane_of.append(torch.full_like(group.rows, lane))
+            rows.append(torch.tensor(members[g], dtype=torch.long, device=device)[group.rows])
+            columns.append(group.columns)
+            offset += sizes[g]
+    kept, kept_index = torch.unique(torch.cat(predictor), return_inverse=True)
+    return TreePackedLanes(
+        input_ids=ids,
+        position_ids=positions,
+        ancestors=ancestors,
+        kept=kept,
+        token_index=torch.cat(lane_of) * len(kept) + kept_index,
+        rows=torch.cat(rows),
+        columns=torch.cat(columns),
+        tokens=sum(sizes),
+        unshared_tokens=sum(group.unshared_tokens for group in groups),
+    )
+
+
 def shared_sequence_logprobs(
     model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False
-) -> tuple[Tensor, Tensor | None, TreePackedRow]:
-    """``sequence_logprobs`` of the rows of ``batch`` in one prefix-shared forward.
+) -> tuple[Tensor, Tensor | None, TreePackedLanes]:
+    """``sequence_logprobs`` of the rows of ``batch`` in one prefix-shared forward of its groups' lanes.
 
-    Returns (logprobs [b,T], entropy [b,T] | None, the packed row): zero where response_mask is 0, as in the
-    padded path. Only the U distinct predictor positions go through the LM head.
+    Returns (logprobs [b,T], entropy [b,T] | None, the lanes): zero where response_mask is 0, as in the padded
+    path. Only the positions that predict a response token in some lane go through the LM head.
     """
-    packed = pack_tree(batch)
-    attention = tree_attention_mask(packed.ancestors, *attention_settings(model))
+    lanes = pack_lanes(batch)
+    attention = tree_attention_mask(lanes.ancestors, *attention_settings(model))
     out = model(
-        input_ids=packed.input_ids,
+        input_ids=lanes.input_ids,
         attention_mask=attention,
-        position_ids=packed.position_ids,
-        logits_to_keep=packed.predictors,
+        position_ids=lanes.position_ids,
+        logits_to_keep=lanes.kept,
         use_cache=False,
     )
-    targets = batch.response_ids[packed.rows, packed.columns]
-    logprobs, entropy = gathered_logprobs(out.logits[0], packed.predictor_index, targets, temperature, with_entropy)
+    targets = batch.response_ids[lanes.rows, lanes.columns]
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    logprobs, entropy = gathered_logprobs(logits, lanes.token_index, targets, temperature, with_entropy)
     mask = batch.response_mask
-    logprobs = _scatter_rows(logprobs, packed, mask.shape) * mask
+    logprobs = _scatter_rows(logprobs, lanes, mask.shape) * mask
     if entropy is not None:
-        entropy = _scatter_rows(entropy, packed, mask.shape) * mask
-    return logprobs, entropy, packed
+        entropy = _scatter_rows(entropy, lanes, mask.shape) * mask
+    return logprobs, entropy, lanes
 
 
-def _scatter_rows(values: Tensor, packed: TreePackedRow, shape: torch.Size) -> Tensor:
+def _scatter_rows(values: Tensor, lanes: TreePackedLanes, shape: torch.Size) -> Tensor:
     """Per-token ``values`` [N] -> [b,T] in the micro-batch's response layout, 0 elsewhere."""
-    return values.new_zeros(shape).index_put((packed.rows, packed.columns), values)
+    return values.new_zeros(shape).index_put((lanes.rows, lanes.columns), values)
 
 
 def group_rows(batch: RolloutBatch) -> list[list[int]]:

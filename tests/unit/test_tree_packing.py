@@ -17,6 +17,7 @@ from rltrain.learner.torch_learner import TorchLearner
 from rltrain.learner.tree_packing import (
     ancestor_mask,
     group_micro_batches,
+    pack_lanes,
     pack_tree,
     shared_sequence_logprobs,
     shared_token_count,
@@ -67,6 +68,26 @@ def test_rows_of_different_prompts_share_nothing():
     packed = pack_tree(batch)
     assert packed.tokens == 6 and (packed.ancestors.sum() == 2 * (1 + 2 + 3))  # two separate causal blocks
     assert shared_token_count(batch) == 6
+
+
+def test_groups_are_laid_in_lanes_as_wide_as_the_widest_group():
+    # Group sizes 9 (a tree), 4 and 3 (flat): lane 0 holds the tree, lane 1 both flat groups and 2 padding positions.
+    batch = _rows(
+        [[1, 2]] * 3 + [[3]] * 2 + [[4]] * 2,
+        [[5, 6, 7], [8, 9], [5, 6, 4, 3], [5, 6], [5, 7], [8], [9]],
+        group=[0, 0, 0, 1, 1, 2, 2],
+    )
+    lanes = pack_lanes(batch)
+    assert lanes.input_ids.shape == (2, 9) and lanes.tokens == 9 + 4 + 3 and lanes.unshared_tokens == 15 + 6 + 4
+    assert lanes.input_ids[1, :7].tolist() == [3, 5, 6, 7, 4, 8, 9]
+    assert lanes.ancestors[1, 8].nonzero().flatten().tolist() == [8]  # padding sees itself only
+    assert not lanes.ancestors[1, :4, 4:].any() and not lanes.ancestors[1, 4:, :4].any()  # groups apart
+    # Every response token is read from the lane and position of its own row's previous token.
+    for row, column, flat in zip(lanes.rows.tolist(), lanes.columns.tolist(), lanes.token_index.tolist()):
+        lane, position = divmod(flat, len(lanes.kept))
+        previous = batch.response_ids[row, column - 1] if column else batch.prompt_ids[row, -1]
+        assert lanes.input_ids[lane, lanes.kept[position]] == previous
+        assert lanes.position_ids[lane, lanes.kept[position]] == int(batch.prompt_mask[row].sum()) + column - 1
 
 
 @settings(max_examples=150, deadline=None)
