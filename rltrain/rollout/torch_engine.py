@@ -109,10 +109,10 @@ class TorchGenerator:
                 logits, params.temperature, params.top_k, params.top_p, generator
             )
             keep = []
-            for i, row in enumerate(live.tolist()):
-                token = int(new_tokens[i])
+            # One tensor-to-list conversion per step, not one per row and value.
+            for i, (row, token, logprob) in enumerate(zip(live.tolist(), new_tokens.tolist(), new_logprobs.tolist())):
                 tokens[row].append(token)
-                logprobs[row].append(float(new_logprobs[i]))
+                logprobs[row].append(logprob)
                 if token in stop_ids or self._hits_stop_string(tokens[row], params.stop_strings):
                     reasons[row] = FinishReason.STOP
                 else:
