@@ -4,9 +4,9 @@ Each run is the ``rltrain`` command in its own process (its own local Ray) on th
 count; the settings alternate (0, 1, 2, 0, 1, 2, ...) so that a drifting machine load hits them alike. A run's
 ``wall_s`` is its training time: the sum of its steps' ``perf/step_time_s`` (evaluation, start-up and the SFT
 warm start, shared by every setting, are left out; ``process_s`` has them). The default workload is
-rollout-heavy (``ROLLOUT_HEAVY``: the quickstart with one vLLM rollout worker and a small learner batch); the report
-says which share of a synchronous step generation took. ``--recipe
-quickstart`` runs the plain quickstart; Hydra overrides after the options change either.
+rollout-heavy (``LONG_RESPONSES``: the delethink recipe's addition chains written as one sequence of up to 72
+tokens, over one vLLM rollout worker); the report says which share of a synchronous step generation took.
+``--recipe quickstart`` runs the plain quickstart; Hydra overrides after the options change either.
 """
 
 from __future__ import annotations
@@ -22,20 +22,25 @@ from typing import Any
 
 from rltrain.bench.report import emit, machine_info
 
-# Rollout-heavy on the quickstart's task: the SFT-warmed tiny model answers countdown in ~5 tokens, so vLLM's per-call
-# cost (one worker, 2 prompts x 8 samples) is set against a small learner batch instead of longer responses (for long
-# responses, the delethink recipe's task as one sequence: docs/benchmarks.md, "Long responses"): generation + grading
-# is ~36-39% of a synchronous step, ~53-58% with the rollout worker's weight loading (also moved off the learner's
-# path by the pipeline). Time sharing is off so that every setting runs each actor on one thread (the overlapping
-# settings do anyway); with it on the synchronous runs took 21.4 s instead of 22.6 s (docs/benchmarks.md).
-ROLLOUT_HEAVY = (
+# Rollout-heavy: long responses. The delethink recipe's task (a chain of 6-12 one-digit additions whose trace writes
+# every running total, 37-67 tokens) as one sequence (no environment) of up to 72 tokens, one vLLM rollout worker,
+# 4 prompts x 8 samples: generation + grading is ~55-60% of a synchronous step. The warm start and learning rate are
+# pinned so that the recipe's later tuning does not move these figures; at the quickstart's 2e-4 RL collapses the
+# 72-token traces in every mode (docs/benchmarks.md). Time sharing is off so that every setting runs each actor on
+# one thread (the overlapping settings do anyway).
+LONG_RESPONSES_RECIPE = "delethink"
+LONG_RESPONSES = (
+    "env.fn=null",
+    "rollout.max_tokens=72",
     "rollout.engine=vllm",
-    "model.tiny.num_heads=2",
-    "model.tiny.num_kv_heads=1",
     "rollout.num_workers=1",
-    "trainer.prompts_per_step=2",
-    "trainer.steps=200",
+    "trainer.prompts_per_step=4",
+    "trainer.steps=40",
     "trainer.eval_every=0",
+    "sft.steps=200",
+    "sft.lr=3e-3",
+    "sft.batch_size=64",
+    "learner.lr=2e-5",
     "cluster.share_cpu_threads=false",
 )
 QUIET = ("tracking.plots=false", "tracking.progress=false", "tracking.wandb.enabled=false", "trainer.save_every=1000")
@@ -48,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--recipe",
         default=None,
-        help="quickstart (as shipped) or another recipe; default: the rollout-heavy quickstart (ROLLOUT_HEAVY)",
+        help="quickstart (as shipped) or another recipe; default: the long-response workload (LONG_RESPONSES)",
     )
     parser.add_argument("--staleness", default="0,1,2", help="trainer.max_staleness settings, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each setting, alternating")
@@ -68,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def workload(args: argparse.Namespace) -> tuple[str, list[str]]:
     """(recipe, overrides) of every run."""
     if args.recipe is None:
-        return "quickstart", [*ROLLOUT_HEAVY, *QUIET, *args.overrides]
+        return LONG_RESPONSES_RECIPE, [*LONG_RESPONSES, *QUIET, *args.overrides]
     return args.recipe, [*QUIET, *args.overrides]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rltrain.bench.pipeline import ROLLOUT_HEAVY, medians, parse_args, summarize_run, workload
+from rltrain.bench.pipeline import LONG_RESPONSES, LONG_RESPONSES_RECIPE, medians, parse_args, summarize_run, workload
 
 
 def _rows(step_times, rollout, accuracy=(0.2, 0.5), waits=None):
@@ -34,7 +34,7 @@ def test_medians_per_setting_and_arguments():
     args = parse_args(["--staleness", "0,2", "trainer.steps=5"])
     assert args.settings == [0, 2]
     recipe, overrides = workload(args)
-    assert recipe == "quickstart" and overrides[: len(ROLLOUT_HEAVY)] == list(ROLLOUT_HEAVY)
+    assert recipe == LONG_RESPONSES_RECIPE and overrides[: len(LONG_RESPONSES)] == list(LONG_RESPONSES)
     assert overrides[-1] == "trainer.steps=5"  # the user's overrides come last
     assert workload(parse_args(["--recipe", "quickstart"]))[1][-1] == "trainer.save_every=1000"
     with pytest.raises(SystemExit):
