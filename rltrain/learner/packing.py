@@ -143,10 +143,10 @@ def attention_settings(model: torch.nn.Module) -> tuple[str, torch.dtype]:
     return hf_model.config._attn_implementation, hf_model.dtype
 
 
-def scatter_rows(values: Tensor, packed: PackedRow, shape: tuple[int, int]) -> Tensor:
-    """Per-token ``values`` [N] of a packed row -> [b,T] in the micro-batch's response layout, 0 elsewhere."""
-    out = values.new_zeros(shape)
-    return out.index_put((packed.rows, packed.columns), values)
+def scatter_rows(values: Tensor, rows: Tensor, columns: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Per-token ``values`` [N] at (``rows`` [N], ``columns`` [N]) -> [b,T] in the micro-batch's response layout,
+    0 elsewhere."""
+    return values.new_zeros(shape).index_put((rows, columns), values)
 
 
 def packed_sequence_logprobs(
@@ -170,7 +170,7 @@ def packed_sequence_logprobs(
     logprobs, entropy = token_logprobs(out.logits, targets[None], temperature, with_entropy)
     shape = tuple(batch.response_ids.shape)
     mask = batch.response_mask
-    logprobs = scatter_rows(logprobs[0], packed, shape) * mask
+    logprobs = scatter_rows(logprobs[0], packed.rows, packed.columns, shape) * mask
     if entropy is not None:
-        entropy = scatter_rows(entropy[0], packed, shape) * mask
+        entropy = scatter_rows(entropy[0], packed.rows, packed.columns, shape) * mask
     return logprobs, entropy, sum(packed.lengths)

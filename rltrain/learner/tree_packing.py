@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rltrain.learner.packing import attention_settings, first_fit_decreasing, sequence_lengths
+from rltrain.learner.packing import attention_settings, first_fit_decreasing, scatter_rows, sequence_lengths
 from rltrain.types import RolloutBatch
 
 # Attention implementations that take an arbitrary [L,L] mask; varlen kernels (flash, flex via position ids)
@@ -155,14 +155,14 @@ def shared_token_count(batch: RolloutBatch) -> int:
 
 
 def tree_attention_mask(ancestors: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
-    """The ``attention_mask`` argument [R,1,L,L] of a prefix-shared forward from ``ancestors`` [R,L,L] (or [L,L]:
-    R = 1): bool for SDPA, 0 / dtype-min for eager."""
+    """The ``attention_mask`` argument [R,1,L,L] of a prefix-shared forward from ``ancestors`` [R,L,L]: bool for
+    SDPA, 0 / dtype-min for eager."""
     if attn_implementation not in TREE_ATTENTION:
         raise ValueError(
             f"prefix-shared packing needs attention that takes a mask ({' or '.join(TREE_ATTENTION)}), "
             f"the model uses {attn_implementation}"
         )
-    mask = (ancestors if ancestors.dim() == 3 else ancestors[None])[:, None]
+    mask = ancestors[:, None]
     if attn_implementation == "sdpa":
         return mask
     zero = torch.zeros((), dtype=dtype, device=mask.device)
@@ -272,15 +272,10 @@ def shared_sequence_logprobs(
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     logprobs, entropy = gathered_logprobs(logits, lanes.token_index, targets, temperature, with_entropy)
     mask = batch.response_mask
-    logprobs = _scatter_rows(logprobs, lanes, mask.shape) * mask
+    logprobs = scatter_rows(logprobs, lanes.rows, lanes.columns, mask.shape) * mask
     if entropy is not None:
-        entropy = _scatter_rows(entropy, lanes, mask.shape) * mask
+        entropy = scatter_rows(entropy, lanes.rows, lanes.columns, mask.shape) * mask
     return logprobs, entropy, lanes
-
-
-def _scatter_rows(values: Tensor, lanes: TreePackedLanes, shape: torch.Size) -> Tensor:
-    """Per-token ``values`` [N] -> [b,T] in the micro-batch's response layout, 0 elsewhere."""
-    return values.new_zeros(shape).index_put((lanes.rows, lanes.columns), values)
 
 
 def group_rows(batch: RolloutBatch) -> list[list[int]]:

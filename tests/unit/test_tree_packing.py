@@ -108,7 +108,7 @@ def test_trie_paths_spell_every_sequence_and_share_every_common_prefix(sequences
 
 
 def test_tree_attention_mask_formats():
-    ancestors = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    ancestors = torch.tensor([[[1, 0], [1, 1]]], dtype=torch.bool)  # one lane
     assert tree_attention_mask(ancestors, "sdpa", torch.float32).dtype == torch.bool
     additive = tree_attention_mask(ancestors, "eager", torch.float32)
     assert additive.shape == (1, 1, 2, 2) and additive[0, 0, 0, 1] == torch.finfo(torch.float32).min
