@@ -308,8 +308,8 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_changes_nothing(tiny_mod
 # ---- checkpoint / resume -------------------------------------------------------------------------------
 
 
-# ZeRO-3 here; ZeRO-2 (the optimizer class ZeRO-1 shares) resumes end to end in test_deepspeed_e2e.py.
-@pytest.mark.parametrize("zero_stage", [3])
+# ZeRO-2 (the optimizer class ZeRO-1 shares) and ZeRO-3; ZeRO-3 also resumes through the CLI (test_deepspeed_e2e.py).
+@pytest.mark.parametrize("zero_stage", [2, 3])
 def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, tmp_path, zero_stage):
     """Save after step 2 of 4; a fresh group loaded from the save reproduces steps 3-4 (losses, lr, weights)."""
     options = {**OPTIONS, "warmup_steps": 2, "lr_schedule": "cosine", "total_steps": 4}

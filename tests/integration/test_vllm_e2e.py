@@ -144,8 +144,10 @@ def test_a_skipped_sync_is_an_error_naming_the_cause(trainer, monkeypatch):
     assert greedy_logprob_gap(trainer) <= LOGPROB_TOL
 
 
-class KillAfterDispatch:
-    """Stands in for an actor handle: forwards ``generate.remote`` and then kills the actor (request in flight)."""
+class KillAtDispatch:
+    """Stands in for an actor handle: at its first ``generate.remote`` it kills the actor and then forwards the call,
+    so that request always fails with the worker's death (killing after the send would race the request: a short
+    chunk can come back before the kill lands)."""
 
     def __init__(self, handle) -> None:
         self.handle = handle
@@ -156,10 +158,9 @@ class KillAfterDispatch:
     def remote(self, *args, **kwargs):
         import ray
 
-        ref = self.handle.generate.remote(*args, **kwargs)
         ray.kill(self.handle, no_restart=True)
         self.dispatched += 1
-        return ref
+        return self.handle.generate.remote(*args, **kwargs)
 
 
 def _pipelined_steps(trainer, state: dict, first: int, max_staleness: int) -> dict:
@@ -198,7 +199,7 @@ def test_the_async_pipeline_with_partial_rollouts_and_a_killed_worker_trains_ove
     assert first >= 3  # a worker at version 0 would be past the bound at every step below
     rollout = trainer.runtime.rollout
     replacements = rollout.replacements
-    doomed = KillAfterDispatch(rollout.workers[1])
+    doomed = KillAtDispatch(rollout.workers[1])
     rollout.workers[1] = doomed
     state = _pipelined_steps(trainer, trainer.state_dict(), first, max_staleness=1)
     assert doomed.dispatched == 1 and rollout.replacements == replacements + 1

@@ -11,7 +11,7 @@ pytest.importorskip("vllm")
 from test_vllm_e2e import (  # noqa: E402
     COLLECTIVE,
     LOGPROB_TOL,
-    KillAfterDispatch,
+    KillAtDispatch,
     greedy_logprob_gap,
     vllm_trainer,
     worker_versions,
@@ -60,7 +60,7 @@ def test_a_worker_lost_before_the_sync_falls_back_then_the_group_is_rebuilt(trai
 
 def test_a_worker_killed_mid_generate_gets_the_current_weights(trainer):
     rollout = trainer.runtime.rollout
-    doomed = KillAfterDispatch(rollout.workers[1])
+    doomed = KillAtDispatch(rollout.workers[1])
     rollout.workers[1] = doomed
     metrics = trainer.step(5)  # generates with version 4; the replacement exports version 4 from the learner
     assert doomed.dispatched == 1
