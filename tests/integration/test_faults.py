@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,21 +81,20 @@ def _gcs_server(title: str) -> bool:
     return os.path.basename(title.split(" ", 1)[0]) == "gcs_server"
 
 
-@contextlib.contextmanager
 def _started(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None, own_ray: bool = False):
     """The CLI running in the background (its own session), output to files; everything it started is killed
     on the way out, whatever the test did. ``own_ray``: a local Ray below the run, for tests that find the run's
     actors or Ray head among its descendants (otherwise the run joins the session's Ray head)."""
+    return _running(tmp_path, _command(tmp_path, *overrides, own_ray=own_ray), env)
+
+
+@contextlib.contextmanager
+def _running(tmp_path: Path, command: list[str], env: dict[str, str] | None = None):
+    """``command`` running in the background as ``_started`` describes."""
     logs = tmp_path / f"logs-{time.monotonic_ns()}"
     logs.mkdir()
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
-        proc = subprocess.Popen(
-            _command(tmp_path, *overrides, own_ray=own_ray),
-            env={**_env(), **(env or {})},
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-        )
+        proc = subprocess.Popen(command, env={**_env(), **(env or {})}, stdout=out, stderr=err, start_new_session=True)
     proc.logs = logs
     try:
         yield proc
@@ -149,20 +151,40 @@ def _error_line(stderr: str) -> str:
     return lines[0]
 
 
-# ---- a run stopped twice, then resumed ----------------------------------------------------------------------
-def test_sigterm_then_a_dead_learner_then_resume_give_the_uninterrupted_runs_numbers(tmp_path, uninterrupted):
-    """SIGTERM (Slurm's --signal before preemption) checkpoints at the next step boundary and exits 0; the
-    requeued run resumes, loses its learner actor mid-step and exits 1 naming it; resumed once more, every step
-    equals the uninterrupted run's."""
+# ---- a run stopped three ways, each stop resumed -------------------------------------------------------------
+def test_ctrl_c_sigterm_and_a_dead_learner_then_resume_give_the_uninterrupted_runs_numbers(tmp_path, uninterrupted):
+    """Ctrl-C ends the run in one line whose resume command continues it; SIGTERM to that run (Slurm's --signal
+    before preemption) checkpoints at the next step boundary and exits 0; the requeued run loses its learner actor
+    mid-step and exits 1 naming it; resumed once more with run.resume=auto, every step equals the uninterrupted
+    run's (rollout seeds follow the checkpointed prompt-stream position; same threads, CPU, fp32: deterministic)."""
     run_dir = tmp_path / "run"
-    # No periodic checkpoint: the one after SIGTERM is SIGTERM's own.
-    with _started(tmp_path, *RESUMABLE, "trainer.save_every=100", f"run.dir={run_dir}") as proc:
-        _wait_until(proc, lambda: 1 in _logged_steps(run_dir), "step 1")
+    ckpts = run_dir / "checkpoints"
+    with _started(tmp_path, *RESUMABLE, f"run.dir={run_dir}") as proc:
+        _wait_until(proc, lambda: (ckpts / "step_1").is_dir(), "its step-1 checkpoint")
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground process group
+        code, _, stderr = _finished(proc, within_s=120, after="Ctrl-C")
+    assert code == 130 and "Traceback" not in stderr, stderr[-5000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("rltrain:")]
+    assert len(lines) == 1, stderr[-3000:]
+    found = re.fullmatch(
+        r"rltrain: interrupted at step (\d+); the last complete checkpoint is (\S+) \(step (\d+)\); "
+        r"resume with: (rltrain --config-name quickstart .*)",
+        lines[0],
+    )
+    assert found, lines[0]
+    interrupted = int(found.group(3))
+    assert found.group(2) == str(ckpts / f"step_{interrupted}") and interrupted <= 2, lines[0]
+    command = shlex.split(found.group(4))
+    assert command[-2:] == [f"run.dir={run_dir}", "run.resume=auto"]
+
+    # The printed command, with no periodic checkpoint: the one after SIGTERM is SIGTERM's own.
+    with _running(tmp_path, [sys.executable, "-m", *command, "trainer.save_every=100"]) as proc:
+        _wait_until(proc, lambda: interrupted + 1 in _logged_steps(run_dir), f"step {interrupted + 1}")
         proc.send_signal(signal.SIGTERM)
         code, _, stderr = _finished(proc, within_s=120, after="SIGTERM")
     assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
-    saved = _checkpoints(run_dir)
-    assert len(saved) == 1 and 1 <= saved[0] <= 2 and _logged_steps(run_dir)[-1] == saved[0], saved
+    saved = [step for step in _checkpoints(run_dir) if step > interrupted]
+    assert len(saved) == 1 and saved[0] <= interrupted + 2 and _logged_steps(run_dir)[-1] == saved[0], saved
 
     with _started(tmp_path, *RESUMABLE, f"run.dir={run_dir}", own_ray=True) as proc:  # run.resume=auto: default
         learner = _find(proc, _actor("LearnerWorker"), "learner actor")
@@ -174,6 +196,8 @@ def test_sigterm_then_a_dead_learner_then_resume_give_the_uninterrupted_runs_num
     assert _checkpoints(run_dir)[-1] < RESUMED_STEPS
 
     _rltrain(tmp_path, *RESUMABLE, f"run.dir={run_dir}")
+    assert sorted(os.listdir(ckpts)) == [f"step_{RESUMED_STEPS - 1}", f"step_{RESUMED_STEPS}"]  # keep 2, no tmp
+    assert all((ckpts / name / "COMPLETE").is_file() for name in os.listdir(ckpts))
     _assert_same_numbers(run_dir, uninterrupted)
 
 
