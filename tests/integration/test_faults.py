@@ -210,7 +210,7 @@ def test_failing_reward_functions_and_a_killed_reward_actor_cost_on_error_and_th
         _reward_functions("raises", "hangs", "returns_nan", "returns_none"),
         "reward.on_error=-1.0",
         "reward.timeout_s=0.5",
-        "reward.num_workers=2",
+        "reward.num_workers=4",  # 4 grader processes: the 16 hanging calls of a step take 4 deadlines, not 8
         "reward.max_error_frac=1.0",  # never stop: this test is about going on
     ]
     # Two steps: the actor is killed once step 1 is logged, so step 2 grades on its replacement.
