@@ -260,3 +260,12 @@ def load_causal_lm(path: str, dtype: str = "float32") -> PreTrainedModel:
     # Per-load progress bars would repeat in every actor's log at every resume and sync.
     hf_logging.disable_progress_bar()
     return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+
+
+def select_cache_rows(cache, index: torch.Tensor):
+    """A transformers KV cache (``DynamicCache``) whose row i is row ``index[i]`` of ``cache`` (rows repeated or
+    dropped; differentiable, so a shared prompt's cache may feed the rows that continue it in training)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)
+        layer.values = layer.values.index_select(0, index)
+    return cache

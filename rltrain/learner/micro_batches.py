@@ -3,7 +3,8 @@
 One implementation for the torch learner and the DeepSpeed ranks (whose group plans every rank's micro-batches
 on the driver). ``micro_batch_size`` consecutive padded rows by default; with ``max_tokens`` (the
 ``learner.max_tokens_per_micro_batch`` budget) rows packed padding-free under the budget (rltrain/learner/packing.py);
-with ``share_prefixes`` whole prompt groups packed with each distinct prefix computed once
+with ``share_prefixes`` whole prompt groups with each distinct prefix computed once: a flat group's prompt through
+the KV cache (rltrain/learner/prefix_cache.py), a tree's shared segments in a token trie
 (rltrain/learner/tree_packing.py). The padded forward is the learner's own (the DeepSpeed ranks trim all-padding
 columns first); the packed ones are here.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from rltrain.learner.packing import packed_micro_batches, packed_sequence_logprobs
+from rltrain.learner.prefix_cache import prefix_cache_applies, prefix_cached_logprobs
 from rltrain.learner.tree_packing import group_micro_batches, shared_sequence_logprobs
 from rltrain.types import RolloutBatch
 
@@ -59,6 +61,8 @@ class MicroBatching:
         self, model: torch.nn.Module, micro: RolloutBatch, temperature: float, with_entropy: bool
     ) -> MicroForward:
         """The prefix-shared or packed forward of ``micro`` (only when ``packs``)."""
+        if self.share_prefixes and prefix_cache_applies(model, micro):
+            return MicroForward(*prefix_cached_logprobs(model, micro, temperature, with_entropy))
         if self.share_prefixes:
             logprobs, entropy, packed = shared_sequence_logprobs(model, micro, temperature, with_entropy)
             return MicroForward(logprobs, entropy, packed.tokens, packed.unshared_tokens)

@@ -157,8 +157,6 @@ class TorchGenerator:
 
 def _fork_cache(cache, repeats: Tensor):
     """Repeat each row of a DynamicCache ``repeats[i]`` times (rows stay contiguous per request)."""
-    index = torch.arange(len(repeats), device=repeats.device).repeat_interleave(repeats)
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)
-        layer.values = layer.values.index_select(0, index)
-    return cache
+    from rltrain.models import select_cache_rows
+
+    return select_cache_rows(cache, torch.arange(len(repeats), device=repeats.device).repeat_interleave(repeats))

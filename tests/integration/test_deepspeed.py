@@ -215,7 +215,9 @@ def ppo_batch(batch: RolloutBatch, old: torch.Tensor, ref: torch.Tensor, seed: i
 
 def tree_batch(seed: int, vocab: int = 512) -> RolloutBatch:
     """Three prompt groups: a 5-leaf tree over shared 3-token segments (one leaf a prefix of another, an untrained
-    token mid-response), a flat group of 3 that shares only its prompt, and a pair."""
+    token mid-response), a group of 3 where two rows share a first segment, and a pair that shares only its prompt
+    (``ancestors[:, 0]``: each row's first segment; a micro-batch of the pair goes through the prompt's KV cache,
+    the others through the token trie)."""
     gen = torch.Generator().manual_seed(seed)
     a, b, c = (torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (6, 4, 9))
     s = [torch.randint(3, vocab, (3,), generator=gen).tolist() for _ in range(10)]
@@ -226,7 +228,8 @@ def tree_batch(seed: int, vocab: int = 512) -> RolloutBatch:
     )
     mask = batch.response_mask.clone()
     mask[1, 4] = 0.0
-    return batch.replace(response_mask=mask)
+    first_segments = torch.tensor([0, 0, 0, 4, 4, 6, 7, 6, 8, 9])[:, None]
+    return batch.replace(response_mask=mask, ancestors=first_segments)
 
 
 def test_prefix_shared_policy_loss_with_reference_kl_and_entropy_at_zero3_equals_the_padded_torch_learner(

@@ -1,5 +1,6 @@
 """Prefix-shared packing (``learner.share_prefixes``): the token trie, the ancestor mask, and per-row logprobs,
-losses and gradients equal to the unshared (padded) path within 1e-5 on the tiny model, for a tree and flat groups."""
+losses and gradients equal to the unshared (padded) path within 1e-5 on the tiny model, for a tree (token trie) and
+flat groups (a prompt's KV cache shared by its rows, rltrain/learner/prefix_cache.py)."""
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from rltrain.config_rules import validate
 from rltrain.learner.base import LossNorm
 from rltrain.learner.logprobs import sequence_logprobs
 from rltrain.learner.packing import token_counts
+from rltrain.learner.prefix_cache import prefix_cache_applies, prefix_cached_logprobs
 from rltrain.learner.torch_learner import TorchLearner
 from rltrain.learner.tree_packing import (
     ancestor_mask,
@@ -124,6 +126,25 @@ def _tree_batch(generator):
     s = [torch.randint(5, 250, (3,), generator=generator).tolist() for _ in range(8)]
     responses = [s[0] + s[1], s[0] + s[1] + s[2], s[0] + s[3], s[4] + s[5], s[4], s[6], s[7], s[6] + s[5]]
     rows = _rows([a] * 5 + [b] * 3, responses, group=[0] * 5 + [1] * 3, mask_edits=[(1, 4), (4, 0), (4, 1), (4, 2)])
+    # Each row's first segment, as the tree sampler records it: rows that share one are packed in a token trie.
+    first_segments = torch.tensor([0, 0, 0, 4, 4, 6, 7, 6])[:, None]
+    return _with_training_fields(rows, generator).replace(ancestors=first_segments)
+
+
+def _flat_batch(generator):
+    """Three flat groups (prompts of 6, 4 and 9 tokens, left-padded; 3, 2 and 4 samples of 1-7 tokens, a masked
+    token mid-response, an all-masked row): rows share their prompt only, through the KV cache."""
+    prompts = [torch.randint(5, 250, (n,), generator=generator).tolist() for n in (6, 4, 9)]
+    sizes = (3, 2, 4)
+    lengths = torch.randint(1, 8, (sum(sizes),), generator=generator).tolist()
+    responses = [torch.randint(5, 250, (n,), generator=generator).tolist() for n in lengths]
+    group = [g for g, size in enumerate(sizes) for _ in range(size)]
+    rows = _rows([prompts[g] for g in group], responses, group, mask_edits=[(1, 0)])
+    rows = rows.replace(response_mask=rows.response_mask * (torch.arange(rows.batch_size) != 4)[:, None])
+    return _with_training_fields(rows, generator)
+
+
+def _with_training_fields(rows, generator):
     rollout = -torch.rand(rows.response_ids.shape, generator=generator) * rows.response_mask
     advantages = torch.randn(rows.batch_size, 1, generator=generator) * rows.response_mask
     return rows.replace(
@@ -137,6 +158,11 @@ def _tree_batch(generator):
 @pytest.fixture(scope="module")
 def batch():
     return _tree_batch(torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def flat_batch():
+    return _flat_batch(torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +183,33 @@ def test_shared_logprobs_and_entropy_equal_the_unshared_path(model, batch, atten
     assert (shared - padded).abs().max() <= TOLERANCE
     assert (shared_entropy - padded_entropy).abs().max() <= TOLERANCE
     assert packed.unshared_tokens == sum(token_counts(batch)) and packed.tokens < packed.unshared_tokens - 30
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefix_cached_logprobs_and_entropy_equal_the_unshared_path(model, flat_batch, attention):
+    model.set_attn_implementation(attention)
+    try:
+        with torch.no_grad():
+            padded, padded_entropy = sequence_logprobs(model, flat_batch, 0.7, with_entropy=True)
+            shared, shared_entropy, tokens, unshared = prefix_cached_logprobs(model, flat_batch, 0.7, with_entropy=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert shared.shape == padded.shape and padded.abs().sum() > 0 and shared[4].abs().sum() == 0
+    assert (shared - padded).abs().max() <= TOLERANCE
+    assert (shared_entropy - padded_entropy).abs().max() <= TOLERANCE
+    widest_response = int(flat_batch.response_mask.nonzero()[:, 1].max()) + 1
+    assert tokens == 3 * 9 + flat_batch.batch_size * widest_response  # 3 prompts once, as wide as the widest
+    assert unshared == sum(token_counts(flat_batch))
+
+
+def test_the_prefix_cache_serves_rows_that_share_only_their_prompt(model, batch, flat_batch):
+    assert prefix_cache_applies(model, flat_batch) and not prefix_cache_applies(model, batch)  # a tree: the trie
+    assert prefix_cache_applies(model, batch.replace(ancestors=torch.arange(8)[:, None]))  # every root apart
+    model.gradient_checkpointing_enable()
+    try:
+        assert not prefix_cache_applies(model, flat_batch)  # checkpointing turns the cache off: the trie
+    finally:
+        model.gradient_checkpointing_disable()
 
 
 def test_sharing_without_the_ancestor_mask_would_differ(model, batch):
@@ -199,8 +252,10 @@ def _step_with_gradients(learner, batch, loss_fn):
     return learner.train_step_normalised(batch, loss_fn, norm), grads
 
 
+@pytest.mark.parametrize("kind", ["batch", "flat_batch"])  # a tree (the trie) and flat groups (the KV cache)
 @pytest.mark.parametrize("loss_agg", AGG_MODES)
-def test_shared_train_step_equals_unshared_for_every_loss_agg(tiny_model_dir, batch, loss_agg):
+def test_shared_train_step_equals_unshared_for_every_loss_agg(tiny_model_dir, request, kind, loss_agg):
+    batch = request.getfixturevalue(kind)
     loss_fn = algo.make_loss_fn(loss_agg=loss_agg, loss_agg_constant=10.0, entropy_coef=0.01, kl_coef=0.1)
     padded_metrics, padded_grads = _step_with_gradients(_learner(tiny_model_dir, False), batch, loss_fn)
     shared_metrics, shared_grads = _step_with_gradients(_learner(tiny_model_dir, True), batch, loss_fn)
@@ -215,8 +270,10 @@ def test_shared_train_step_equals_unshared_for_every_loss_agg(tiny_model_dir, ba
         assert (shared_grads[name] - grad).abs().max() <= TOLERANCE * scale, name
 
 
+@pytest.mark.parametrize("kind", ["batch", "flat_batch"])
 @pytest.mark.parametrize("budget", [None, 40])  # None: whole groups up to micro_batch_size rows; 40: shared tokens
-def test_learner_logprobs_shared_equal_unshared_in_row_order(tiny_model_dir, batch, budget):
+def test_learner_logprobs_shared_equal_unshared_in_row_order(tiny_model_dir, request, kind, budget):
+    batch = request.getfixturevalue(kind)
     padded = _learner(tiny_model_dir, False).logprobs(batch)
     shared = _learner(tiny_model_dir, True, budget).logprobs(batch)
     assert (shared - padded).abs().max() <= TOLERANCE
