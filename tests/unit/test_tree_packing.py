@@ -170,15 +170,22 @@ def model(tiny_model_dir):
     return load_causal_lm(tiny_model_dir).eval()
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_shared_logprobs_and_entropy_equal_the_unshared_path(model, batch, attention):
+def _padded_and(model, batch, attention, shared_forward):
+    """(padded logprobs, padded entropy, ``shared_forward``'s result) with ``attention``, temperature 0.7, no grad."""
     model.set_attn_implementation(attention)
     try:
         with torch.no_grad():
-            padded, padded_entropy = sequence_logprobs(model, batch, 0.7, with_entropy=True)
-            shared, shared_entropy, packed = shared_sequence_logprobs(model, batch, 0.7, with_entropy=True)
+            padded = sequence_logprobs(model, batch, 0.7, with_entropy=True)
+            return (*padded, shared_forward(model, batch, 0.7, with_entropy=True))
     finally:
         model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_logprobs_and_entropy_equal_the_unshared_path(model, batch, attention):
+    padded, padded_entropy, (shared, shared_entropy, packed) = _padded_and(
+        model, batch, attention, shared_sequence_logprobs
+    )
     assert shared.shape == padded.shape and padded.abs().sum() > 0
     assert (shared - padded).abs().max() <= TOLERANCE
     assert (shared_entropy - padded_entropy).abs().max() <= TOLERANCE
@@ -187,13 +194,9 @@ def test_shared_logprobs_and_entropy_equal_the_unshared_path(model, batch, atten
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_prefix_cached_logprobs_and_entropy_equal_the_unshared_path(model, flat_batch, attention):
-    model.set_attn_implementation(attention)
-    try:
-        with torch.no_grad():
-            padded, padded_entropy = sequence_logprobs(model, flat_batch, 0.7, with_entropy=True)
-            shared, shared_entropy, tokens, unshared = prefix_cached_logprobs(model, flat_batch, 0.7, with_entropy=True)
-    finally:
-        model.set_attn_implementation("sdpa")
+    padded, padded_entropy, (shared, shared_entropy, tokens, unshared) = _padded_and(
+        model, flat_batch, attention, prefix_cached_logprobs
+    )
     assert shared.shape == padded.shape and padded.abs().sum() > 0 and shared[4].abs().sum() == 0
     assert (shared - padded).abs().max() <= TOLERANCE
     assert (shared_entropy - padded_entropy).abs().max() <= TOLERANCE
