@@ -5,6 +5,7 @@ KV-block-aligned segments, broadcast weight sync)."""
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 import torch
@@ -145,9 +146,9 @@ def test_a_skipped_sync_is_an_error_naming_the_cause(trainer, monkeypatch):
 
 
 class KillAtDispatch:
-    """Stands in for an actor handle: at its first ``generate.remote`` it kills the actor and then forwards the call,
-    so that request always fails with the worker's death (killing after the send would race the request: a short
-    chunk can come back before the kill lands)."""
+    """Stands in for an actor handle: at its first ``generate.remote`` it kills the actor, waits until the actor is
+    seen dead, and then forwards the call, so that request always fails with the worker's death. (A kill sent
+    after the request, or not yet carried out, races it: a short chunk can come back first.)"""
 
     def __init__(self, handle) -> None:
         self.handle = handle
@@ -159,6 +160,16 @@ class KillAtDispatch:
         import ray
 
         ray.kill(self.handle, no_restart=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                ray.get(self.handle.ready.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                break
+            except ray.exceptions.GetTimeoutError:
+                pass  # busy or dying: ask again
+            assert time.monotonic() < deadline, "the killed rollout actor still answers after 60 s"
+            time.sleep(0.05)
         self.dispatched += 1
         return self.handle.generate.remote(*args, **kwargs)
 
