@@ -6,13 +6,37 @@ applied where actors are created (rltrain/dist/groups.py), so ray is not importe
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from rltrain.dist.weight_sync import WeightReceiver, WeightSender
 from rltrain.types import GenRequest, GenResult, SamplingParams
+
+
+# Learner actors return CPU tensors through Ray's zero-copy torch serialisation: a returned tensor's bytes go into the
+# object store once, with no pickled copy in the actor's memory (exporting a 2.5M-parameter model's 50 tensors:
+# 21.6 ms -> 10.0 ms per put including the export's copy). Safe because Ray serialises a result before the actor
+# runs its next call; receivers get read-only tensors and never write into them.
+ZERO_COPY_RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
+
+
+def quiet_zero_copy_sender() -> None:
+    """In an actor started with ``ZERO_COPY_RUNTIME_ENV``: drop Ray's notice that zero-copy is on (not for users)."""
+    warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+
+
+@contextlib.contextmanager
+def receiving_read_only_tensors() -> Iterator[None]:
+    """Receive zero-copy tensors (read-only views of the object store) without torch's not-writable warning; the
+    receiver copies them or reads them only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        yield
 
 
 def _limit_threads(threads: int) -> None:
@@ -61,7 +85,9 @@ class RolloutWorker(WeightReceiver):
         return self.generator.generate(requests, params)
 
     def load_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> int:
-        self.generator.load_weights(named_tensors.items(), version)
+        """``named_tensors``: the learner's export, resolved by Ray from its object ref (read-only tensors)."""
+        with receiving_read_only_tensors():
+            self.generator.load_weights(named_tensors.items(), version)
         return self.generator.policy_version
 
     def policy_version(self) -> int:
@@ -122,6 +148,7 @@ class LearnerWorker(WeightSender):
         from rltrain.learner.torch_learner import TorchLearner
 
         _limit_threads(threads)
+        quiet_zero_copy_sender()
         self.learner = TorchLearner(model_path, **options)
 
     def logprobs(self, batch, reference: bool = False, threads: int | None = None) -> torch.Tensor:
@@ -137,7 +164,9 @@ class LearnerWorker(WeightSender):
         return self.learner.forward_extras(batch, extras_fn)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        return dict(self.learner.export_weights())
+        """The weights as views (no copy): Ray serialises them into the object store as this call returns, before
+        any later call can change them."""
+        return dict(self.learner.export_weights(copy=False))
 
     def save(self, directory: str) -> None:
         self.learner.save(directory)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from rltrain.dist.actors import use_threads
+from rltrain.dist.actors import ZERO_COPY_RUNTIME_ENV, quiet_zero_copy_sender, receiving_read_only_tensors, use_threads
 from rltrain.dist.groups import actor_labels, get_named
 from rltrain.dist.placement import actor_uses_gpu, gpus_per_actor
 from rltrain.dist.weight_sync import WeightSender, free_address
@@ -114,7 +114,7 @@ class DeepSpeedRankWorker(WeightSender):
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
         # Zero-copy serialisation is safe here: every tensor this actor returns is a fresh, detached, contiguous copy.
-        warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+        quiet_zero_copy_sender()
         # DeepSpeed still calls torch.distributed collectives that torch has renamed; nothing for users to act on.
         warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated", category=FutureWarning)
         self.learner = None
@@ -231,7 +231,7 @@ class DeepSpeedLearnerGroup:
         remote = ray.remote(
             max_restarts=0,
             # Exported CPU tensors go into the object store without an in-memory pickled copy (see export_weights).
-            runtime_env={"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}},
+            runtime_env=ZERO_COPY_RUNTIME_ENV,
         )(DeepSpeedRankWorker)
         self.workers = [remote.options(**placements[rank]).remote(threads) for rank in range(self.world_size)]
         self.labels = actor_labels("learner rank", self.workers)
@@ -248,9 +248,8 @@ class DeepSpeedLearnerGroup:
     def _gather(self, refs: list, what: str) -> list:
         """ray.get that fails fast: the first rank error shuts the group down (its peers would block) and is raised,
         a dead rank as a RunError naming it."""
-        with warnings.catch_warnings():
-            # Zero-copy tensors arrive read-only; the group copies them (logprobs) and never writes into them.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        # Zero-copy tensors arrive read-only; the group copies them (logprobs) and never writes into them.
+        with receiving_read_only_tensors():
             return get_named(refs, self.labels, what, on_failure=self.shutdown)
 
     def logprobs(self, batch: RolloutBatch, reference: bool = False, threads: int | None = None) -> torch.Tensor:

@@ -14,7 +14,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from rltrain.dist.actors import LearnerWorker, RewardWorker, RolloutWorker
+import torch
+
+from rltrain.dist.actors import (
+    ZERO_COPY_RUNTIME_ENV,
+    LearnerWorker,
+    RewardWorker,
+    RolloutWorker,
+    receiving_read_only_tensors,
+)
 from rltrain.dist.placement import actor_uses_gpu
 from rltrain.errors import RunError
 from rltrain.types import GenRequest, GenResult, SamplingParams
@@ -330,7 +338,8 @@ class TorchLearnerGroup:
         import ray
 
         self.placement = placement
-        self.actor = ray.remote(max_restarts=0)(LearnerWorker).options(**placement).remote(threads, model_path, options)
+        remote = ray.remote(max_restarts=0, runtime_env=ZERO_COPY_RUNTIME_ENV)(LearnerWorker)
+        self.actor = remote.options(**placement).remote(threads, model_path, options)
         self.labels = actor_labels("learner rank", [self.actor])
 
     @property
@@ -338,17 +347,20 @@ class TorchLearnerGroup:
         return actor_uses_gpu(self.placement)
 
     def _call(self, ref, what: str):
-        return get_named([ref], self.labels, what)[0]
+        with receiving_read_only_tensors():
+            return get_named([ref], self.labels, what)[0]
 
     def logprobs(self, batch, reference: bool = False, threads: int | None = None):
-        """``threads``: torch threads for this call (None: as started); the same for every method below."""
-        return self._call(self.actor.logprobs.remote(batch, reference, threads), "logprobs")
+        """``threads``: torch threads for this call (None: as started); the same for every method below. Returned
+        tensors are copies: what arrives from the actor is a read-only view of the object store."""
+        return self._call(self.actor.logprobs.remote(batch, reference, threads), "logprobs").clone()
 
     def train_step(self, batch, loss_fn, threads: int | None = None) -> dict[str, float]:
         return self._call(self.actor.train_step.remote(batch, loss_fn, threads), "train_step")
 
     def forward_extras(self, batch, extras_fn, threads: int | None = None) -> dict:
-        return self._call(self.actor.forward_extras.remote(batch, extras_fn, threads), "forward_extras")
+        extras = self._call(self.actor.forward_extras.remote(batch, extras_fn, threads), "forward_extras")
+        return {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in extras.items()}
 
     def actors(self) -> list:
         return [self.actor]

@@ -181,14 +181,15 @@ class TorchLearner:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm), skipped
 
-    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """HF-named CPU copies of the weights (under LoRA: merged, with the base model's names)."""
+    def export_weights(self, copy: bool = True) -> Iterator[tuple[str, Tensor]]:
+        """HF-named CPU copies of the weights (under LoRA: merged, with the base model's names). ``copy=False``:
+        CPU weights as detached views, for a caller that serialises them before the next update."""
         if self.lora is not None:
             for entry in _lora.export_entries(self.model):
                 yield entry.name, _lora.merged_tensor(entry)
             return
         for name, param in self.model.named_parameters():
-            yield name, param.detach().to("cpu", copy=True)
+            yield name, param.detach().to("cpu", copy=copy)
 
     def state_dict_cpu(self) -> dict[str, Tensor]:
         return dict(self.export_weights())
