@@ -61,7 +61,9 @@ class MicroBatching:
         self, model: torch.nn.Module, micro: RolloutBatch, temperature: float, with_entropy: bool
     ) -> MicroForward:
         """The prefix-shared or packed forward of ``micro`` (only when ``packs``)."""
-        if self.share_prefixes and prefix_cache_applies(model, micro):
+        # Under a token budget the trie stays: the budget bins groups by their trie size, which the cache path's
+        # padding to the widest prompt and response could exceed.
+        if self.share_prefixes and self.max_tokens is None and prefix_cache_applies(model, micro):
             return MicroForward(*prefix_cached_logprobs(model, micro, temperature, with_entropy))
         if self.share_prefixes:
             logprobs, entropy, packed = shared_sequence_logprobs(model, micro, temperature, with_entropy)

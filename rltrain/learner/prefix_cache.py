@@ -8,7 +8,9 @@ lane's dense (P + n T)^2 mask (rltrain/learner/tree_packing.py), and no mask is 
 
 Each row sees what it sees alone (its prompt at the same positions, then its own tokens), so logprobs, losses and
 gradients equal the unshared path's up to float summation order. Micro-batches whose rows also share tree segments
-(``batch.ancestors``) keep the token trie, as does a model with gradient checkpointing (which turns the cache off).
+(``batch.ancestors``) keep the token trie, as does a model with gradient checkpointing (which turns the cache off)
+and a token budget (``learner.max_tokens_per_micro_batch`` bins groups by their trie size; rltrain/learner/
+micro_batches.py).
 """
 
 from __future__ import annotations

@@ -291,6 +291,15 @@ def test_learner_tokens_and_tokens_saved(tiny_model_dir, batch):
     assert "perf/learner_tokens_saved" not in _learner(tiny_model_dir, False).train_step(batch, loss_fn)
 
 
+def test_a_token_budget_keeps_flat_groups_in_the_trie_it_bins_by(tiny_model_dir, flat_batch):
+    """The budget bins groups by trie size; the KV-cache path pads to the widest prompt and response, so under a
+    budget each micro-batch computes exactly its trie (at most the budget, or one group alone)."""
+    learner = _learner(tiny_model_dir, True, budget=24)
+    metrics = learner.train_step(flat_batch, algo.make_loss_fn())
+    bins = [shared_token_count(flat_batch.select(rows)) for rows in learner.batching.rows(flat_batch)]
+    assert len(bins) > 1 and metrics["perf/learner_tokens"] == sum(bins)
+
+
 def test_micro_batches_keep_groups_whole(batch):
     assert group_micro_batches(batch, max_rows=5, max_tokens=None) == [[0, 1, 2, 3, 4], [5, 6, 7]]
     assert group_micro_batches(batch, max_rows=8, max_tokens=None) == [[0, 1, 2, 3, 4, 5, 6, 7]]
