@@ -30,13 +30,22 @@ def quiet_zero_copy_sender() -> None:
     warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
 
 
+_READ_ONLY_NOTICE = "The given NumPy array is not writable"
+
+
 @contextlib.contextmanager
 def receiving_read_only_tensors() -> Iterator[None]:
     """Receive zero-copy tensors (read-only views of the object store) without torch's not-writable warning; the
     receiver copies them or reads them only."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        warnings.filterwarnings("ignore", message=_READ_ONLY_NOTICE)
         yield
+
+
+def quiet_read_only_receiver() -> None:
+    """The same for a whole actor that only reads the tensors it is sent (a rollout worker: Ray resolves a call's
+    object-ref arguments before the call runs, so a filter inside the call would come too late)."""
+    warnings.filterwarnings("ignore", message=_READ_ONLY_NOTICE)
 
 
 def _limit_threads(threads: int) -> None:
@@ -76,6 +85,7 @@ class RolloutWorker(WeightReceiver):
 
     def __init__(self, engine: str, model_path: str, seed: int, threads: int, options: dict[str, Any]):
         _limit_threads(threads)
+        quiet_read_only_receiver()
         self.generator = build_generator(engine, model_path, seed, options)
 
     def generate(
@@ -86,8 +96,7 @@ class RolloutWorker(WeightReceiver):
 
     def load_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> int:
         """``named_tensors``: the learner's export, resolved by Ray from its object ref (read-only tensors)."""
-        with receiving_read_only_tensors():
-            self.generator.load_weights(named_tensors.items(), version)
+        self.generator.load_weights(named_tensors.items(), version)
         return self.generator.policy_version
 
     def policy_version(self) -> int:
