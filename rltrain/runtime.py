@@ -193,6 +193,7 @@ class Runtime:
             len(self.learner.actors()),
             self.cluster_gpus,
             overlapping=cfg.trainer.max_staleness > 0,
+            micro_threads=isinstance(self.learner, TorchLearnerGroup),
         )
 
     def _reserve(self, cfg: DictConfig) -> tuple[Any, PlacementPlan]:
@@ -277,7 +278,7 @@ class Runtime:
 
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
         self.set_rollout_awake(False)
-        return self.learner.train_step(batch, loss_fn, self.threads.learner)
+        return self.learner.train_step(batch, loss_fn, self.threads.learner, self.threads.learner_micro_threads)
 
     def forward_extras(self, batch: RolloutBatch, extras_fn) -> dict:
         """Per-token extras computed on the learner from the current policy's hidden states (THR)."""

@@ -42,11 +42,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=int, default=None, help="learner.max_tokens_per_micro_batch (both modes)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--micro-threads", type=int, default=1, help="micro-batches at once, one torch thread each (learner.md)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="write the full report here")
     args = parser.parse_args(argv)
-    for name in ("prompts", "width", "branching", "depth", "segment_len", "micro_batch_size", "repeats", "threads"):
+    counts = ("prompts", "width", "branching", "depth", "segment_len", "micro_batch_size", "repeats", "threads")
+    for name in (*counts, "micro_threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.budget is not None and args.budget < 1:
@@ -115,7 +119,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.repeats):
         for mode, learner in learners.items():
             start = time.perf_counter()
-            metrics = learner.train_step(batch, loss_fn)
+            metrics = learner.train_step(batch, loss_fn, args.micro_threads)
             runs[mode].append({"train_s": time.perf_counter() - start, "tokens": metrics["perf/learner_tokens"]})
     medians = {mode: {key: statistics.median(r[key] for r in runs[mode]) for key in runs[mode][0]} for mode in MODES}
     return {
@@ -142,7 +146,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'tree' if cfg['tree'] else 'flat'} batch: {shape['rows']} rows, prompts {shape['mean_prompt_tokens']:.1f} "
         f"tokens, responses {shape['mean_response_tokens']:.1f} tokens (mean); model={cfg['model']} "
         f"micro_batch_size={cfg['micro_batch_size']} budget={cfg['budget']} repeats={cfg['repeats']} "
-        f"threads={cfg['threads']} load_avg={report['machine']['load_avg']}",
+        f"threads={cfg['threads']} micro_threads={cfg['micro_threads']} load_avg={report['machine']['load_avg']}",
         f"{'mode':<9} {'tokens':>8} {'train_s':>8}",
     ]
     for mode, m in med.items():

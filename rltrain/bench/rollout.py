@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="vLLM: do not align tree segment ends to KV blocks (rollout.tree.align_to_kv_blocks=false)",
     )
+    parser.add_argument(
+        "--hf-forward",
+        dest="lean_decode",
+        action="store_false",
+        help="torch engine: decode with HF's model forward, not the lean step (rltrain/rollout/lean_decode.py)",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument(
         "--stop-tokens", type=int, default=1, help="stop token ids: EOS + this many - 1 others (0: none)"
@@ -143,14 +149,16 @@ def stop_token_ids(tokenizer, count: int, seed: int) -> tuple[int, ...]:
     return (tokenizer.eos_token_id, *random.Random(seed).sample(ordinary, count - 1))
 
 
-def build_engine(engine: str, model_dir: str, seed: int, device: str, block_size: int | None = None):
+def build_engine(
+    engine: str, model_dir: str, seed: int, device: str, block_size: int | None = None, lean_decode: bool = True
+):
     if engine == "vllm":
         from rltrain.rollout.vllm_engine import VLLMGenerator
 
         return VLLMGenerator(model_dir, seed=seed, block_size=block_size)
     from rltrain.rollout.torch_tree_engine import TorchTreeGenerator
 
-    return TorchTreeGenerator.from_pretrained(model_dir, seed=seed, device=device)
+    return TorchTreeGenerator.from_pretrained(model_dir, seed=seed, device=device, lean_decode=lean_decode)
 
 
 def model_weights(model_dir: str) -> list[tuple[str, torch.Tensor]]:
@@ -191,7 +199,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from rltrain.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    engine = build_engine(args.engine, model_dir, args.seed, args.device, args.block_size)
+    engine = build_engine(args.engine, model_dir, args.seed, args.device, args.block_size, args.lean_decode)
     weights = model_weights(model_dir)
     prompts = build_prompts(tokenizer, args.prompts, args.seed, args.prompt_len)
     params = SamplingParams(

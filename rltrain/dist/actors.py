@@ -164,9 +164,9 @@ class LearnerWorker(WeightSender):
         use_threads(threads)
         return self.learner.logprobs(batch, reference)
 
-    def train_step(self, batch, loss_fn, threads: int | None = None) -> dict[str, float]:
+    def train_step(self, batch, loss_fn, threads: int | None = None, micro_threads: int = 1) -> dict[str, float]:
         use_threads(threads)
-        return self.learner.train_step(batch, loss_fn)
+        return self.learner.train_step(batch, loss_fn, micro_threads)
 
     def forward_extras(self, batch, extras_fn, threads: int | None = None) -> dict[str, torch.Tensor]:
         use_threads(threads)

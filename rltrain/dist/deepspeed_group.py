@@ -271,9 +271,14 @@ class DeepSpeedLearnerGroup:
                 out[torch.tensor(shard)] = part
         return out
 
-    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, threads: int | None = None) -> dict[str, float]:
+    def train_step(
+        self, batch: RolloutBatch, loss_fn: LossFn, threads: int | None = None, micro_threads: int = 1
+    ) -> dict[str, float]:
         """One optimizer step over all rows; loss contributions and metrics normalised by the whole batch's counts.
-        ``threads``: torch threads per rank (None: as started)."""
+        ``threads``: torch threads per rank (None: as started). ``micro_threads`` are the torch learner's (the ranks
+        already split a step), so only 1 is accepted."""
+        if micro_threads != 1:
+            raise ValueError(f"a DeepSpeed group's ranks split the step: micro_threads must be 1, got {micro_threads}")
         plan = plan_step(batch, self.world_size, self.batching)
         norm = LossNorm(global_tokens=max(1, batch.num_tokens), global_seqs=batch.batch_size)
         results = self._gather(

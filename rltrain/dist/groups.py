@@ -355,8 +355,9 @@ class TorchLearnerGroup:
         tensors are copies: what arrives from the actor is a read-only view of the object store."""
         return self._call(self.actor.logprobs.remote(batch, reference, threads), "logprobs").clone()
 
-    def train_step(self, batch, loss_fn, threads: int | None = None) -> dict[str, float]:
-        return self._call(self.actor.train_step.remote(batch, loss_fn, threads), "train_step")
+    def train_step(self, batch, loss_fn, threads: int | None = None, micro_threads: int = 1) -> dict[str, float]:
+        """``micro_threads``: micro-batches computed at once, one torch thread each (rltrain/learner/micro_threads.py)."""
+        return self._call(self.actor.train_step.remote(batch, loss_fn, threads, micro_threads), "train_step")
 
     def forward_extras(self, batch, extras_fn, threads: int | None = None) -> dict:
         extras = self._call(self.actor.forward_extras.remote(batch, extras_fn, threads), "forward_extras")

@@ -59,8 +59,11 @@ class LearnerGroup(Protocol):
         """[B,T] logprobs of the response tokens (0 where masked), no grad; ``reference``: the reference policy."""
         ...
 
-    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, threads: int | None = None) -> dict[str, float]:
-        """One optimizer step over ``batch`` (micro-batched and, for K ranks, split by tokens) with ``loss_fn``."""
+    def train_step(
+        self, batch: RolloutBatch, loss_fn: LossFn, threads: int | None = None, micro_threads: int = 1
+    ) -> dict[str, float]:
+        """One optimizer step over ``batch`` (micro-batched and, for K ranks, split by tokens) with ``loss_fn``;
+        ``micro_threads`` > 1 only for the torch learner (rltrain/learner/micro_threads.py)."""
         ...
 
     def export_weights_ref(self) -> Any:

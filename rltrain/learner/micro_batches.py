@@ -48,14 +48,17 @@ class MicroBatching:
         """Whether micro-batches are packed into one padding-free row (a token budget or prefix sharing)."""
         return self.share_prefixes or self.max_tokens is not None
 
-    def rows(self, batch: RolloutBatch) -> list[list[int]]:
+    def rows(self, batch: RolloutBatch, micro_threads: int = 1) -> list[list[int]]:
         """Row indices of each micro-batch of ``batch``: whole prompt groups when sharing prefixes, packed under the
-        token budget, else consecutive chunks of ``micro_batch_size`` rows."""
+        token budget, else consecutive chunks of ``micro_batch_size`` rows. ``micro_threads`` > 1
+        (rltrain/learner/micro_threads.py) caps a micro-batch at ``ceil(rows / micro_threads)`` rows, so that each
+        thread has one; a token budget's bins stay."""
+        max_rows = max(1, min(self.micro_batch_size, -(-batch.batch_size // max(1, micro_threads))))
         if self.share_prefixes:
-            return group_micro_batches(batch, self.micro_batch_size, self.max_tokens)
+            return group_micro_batches(batch, max_rows, self.max_tokens)
         if self.max_tokens is not None:
             return packed_micro_batches(batch, self.max_tokens)
-        return [chunk.tolist() for chunk in torch.arange(batch.batch_size).split(self.micro_batch_size)]
+        return [chunk.tolist() for chunk in torch.arange(batch.batch_size).split(max_rows)]
 
     def packed_forward(
         self, model: torch.nn.Module, micro: RolloutBatch, temperature: float, with_entropy: bool

@@ -52,7 +52,7 @@ def prefix_cached_logprobs(
 
     Returns (logprobs [b,T], entropy [b,T] | None, tokens computed, tokens the rows hold unshared): zero where
     response_mask is 0, as in the padded path. Prompt columns that are padding in every row and response columns
-    past every row's last trained token are not computed.
+    past every row's last trained token are not computed, nor the last response position (it predicts nothing).
     """
     from rltrain.models import select_cache_rows
 
@@ -66,23 +66,26 @@ def prefix_cached_logprobs(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = select_cache_rows(prompt_out.past_key_values, row_prompt)
     response_ids = batch.response_ids[:, :response_width]
-    offsets = torch.arange(response_width, device=response_ids.device)
-    response_out = model(
-        input_ids=response_ids,
-        attention_mask=torch.cat([prompt_mask[row_prompt], torch.ones_like(response_ids)], dim=1),
-        position_ids=prompt_lengths[:, None] + offsets,
-        past_key_values=cache,
-        use_cache=True,
-    )
-    # Response token 0 is predicted by its prompt's last position, token t by the response's position t - 1.
-    logits = torch.cat([prompt_out.logits[row_prompt], response_out.logits[:, :-1]], dim=1)
+    # Response token 0 is predicted by its prompt's last position, token t by the response's position t - 1; the
+    # last position predicts nothing, so it is not computed.
+    logits = prompt_out.logits[row_prompt]
+    if response_width > 1:
+        inputs = response_ids[:, :-1]
+        offsets = torch.arange(response_width - 1, device=inputs.device)
+        response_out = model(
+            input_ids=inputs,
+            attention_mask=torch.cat([prompt_mask[row_prompt], torch.ones_like(inputs)], dim=1),
+            position_ids=prompt_lengths[:, None] + offsets,
+            past_key_values=select_cache_rows(prompt_out.past_key_values, row_prompt),
+            use_cache=True,
+        )
+        logits = torch.cat([logits, response_out.logits], dim=1)
     logprobs, entropy = token_logprobs(logits, response_ids, temperature, with_entropy)
     mask = batch.response_mask
     pad = (0, mask.shape[1] - response_width)
     logprobs = torch.nn.functional.pad(logprobs, pad) * mask
     if entropy is not None:
         entropy = torch.nn.functional.pad(entropy, pad) * mask
-    tokens = prompt_ids.numel() + response_ids.numel()
+    tokens = prompt_ids.numel() + response_ids[:, :-1].numel()
     return logprobs, entropy, tokens, int((prompt_lengths + response_lengths).sum())

@@ -32,6 +32,7 @@ from rltrain.learner import lora as _lora
 from rltrain.learner.base import LossFn, LossNorm
 from rltrain.learner.logprobs import response_hidden_and_probs, sequence_logprobs
 from rltrain.learner.micro_batches import MicroBatching, MicroForward, rows_in_batch_order
+from rltrain.learner.micro_threads import MicroBatchThreads
 from rltrain.learner.optim import build_optimizer, build_scheduler, clip_max_norm, update_is_finite
 from rltrain.types import RolloutBatch
 
@@ -83,6 +84,7 @@ class TorchLearner:
         self.max_grad_norm = clip_max_norm(grad_clip)
         self.micro_batch_size = micro_batch_size
         self.batching = MicroBatching(micro_batch_size, max_tokens_per_micro_batch, share_prefixes)
+        self.micro_batch_threads = MicroBatchThreads()
         self.temperature = temperature
         self.optimizer_steps = 0
 
@@ -121,12 +123,15 @@ class TorchLearner:
         width = batch.response_ids.shape[1]
         return extras_fn(_pad_cat_right(hidden, width), _pad_cat_right(probs, width), token_index, batch)
 
-    def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over all rows of ``batch``."""
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn, micro_threads: int = 1) -> dict[str, float]:
+        """One optimizer step over all rows of ``batch``; ``micro_threads`` > 1 (CPU): that many micro-batches at once,
+        one torch thread each, the rows cut into at least that many micro-batches (rltrain/learner/micro_threads.py)."""
         norm = LossNorm(global_tokens=max(1, batch.num_tokens), global_seqs=batch.batch_size)
-        return self.train_step_normalised(batch, loss_fn, norm)
+        return self.train_step_normalised(batch, loss_fn, norm, micro_threads)
 
-    def train_step_normalised(self, batch: RolloutBatch, loss_fn: LossFn, norm: LossNorm) -> dict[str, float]:
+    def train_step_normalised(
+        self, batch: RolloutBatch, loss_fn: LossFn, norm: LossNorm, micro_threads: int = 1
+    ) -> dict[str, float]:
         """One optimizer step over this process's rows, normalised by counts given from outside."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -134,16 +139,24 @@ class TorchLearner:
         total_loss = 0.0
         computed_tokens = 0
         unshared_tokens = 0
-        for rows in self.batching.rows(batch):
-            micro = batch.select(rows).to(self.device)
-            forward = self._forward(self.model, micro, loss_fn.needs_entropy)
-            loss, metrics = loss_fn(forward.logprobs, forward.entropy, micro, norm)
-            loss.backward()
-            total_loss += float(loss.detach())
-            computed_tokens += forward.tokens
-            unshared_tokens += forward.unshared_tokens
+
+        def micro_task(rows: list[int]):
+            def task():
+                micro = batch.select(rows).to(self.device)
+                forward = self._forward(self.model, micro, loss_fn.needs_entropy)
+                loss, metrics = loss_fn(forward.logprobs, forward.entropy, micro, norm)
+                return loss, (forward.tokens, forward.unshared_tokens, {k: float(v) for k, v in metrics.items()})
+
+            return task
+
+        tasks = [micro_task(rows) for rows in self.batching.rows(batch, micro_threads)]
+        params = [param for param in self.model.parameters() if param.requires_grad]
+        for loss, (tokens, unshared, metrics) in self.micro_batch_threads.backward(tasks, params, micro_threads):
+            total_loss += float(loss)
+            computed_tokens += tokens
+            unshared_tokens += unshared
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+                totals[key] = totals.get(key, 0.0) + value
         lr = self.scheduler.get_last_lr()[0]
         grad_norm, skipped = self._apply_update(total_loss)
         return {

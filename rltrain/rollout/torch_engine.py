@@ -14,15 +14,27 @@ import torch
 from torch import Tensor
 
 from rltrain.rollout.base import with_version
+from rltrain.rollout.lean_decode import lean_decoder
 from rltrain.rollout.sampling_ops import left_pad, sample_next_tokens
 from rltrain.types import FinishReason, GenRequest, GenResult, SamplingParams, TokenStats
 
 
 class TorchGenerator:
-    """Generator over a transformers model. ``max_batch_rows`` bounds the rows decoded together."""
+    """Generator over a transformers model. ``max_batch_rows`` bounds the rows decoded together. ``lean_decode``:
+    decode steps of Llama-family models through rltrain/rollout/lean_decode.py (same logits, less overhead)."""
 
-    def __init__(self, model, tokenizer, *, seed: int = 0, max_batch_rows: int = 256, device: str = "cpu"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        seed: int = 0,
+        max_batch_rows: int = 256,
+        device: str = "cpu",
+        lean_decode: bool = True,
+    ):
         self.model = model.to(device).eval()
+        self.lean = lean_decoder(self.model) if lean_decode else None
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch_rows = max_batch_rows
@@ -124,15 +136,21 @@ class TorchGenerator:
                 cache.batch_select_indices(index)
                 live, mask, next_pos, new_tokens = live[keep], mask[index], next_pos[index], new_tokens[index]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = self.model(
-                input_ids=new_tokens[:, None].to(self.device),
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+            logits, next_pos = self._next_logits(new_tokens.to(self.device), mask, next_pos, cache), next_pos + 1
         return tokens, logprobs, reasons, cache, live, mask
+
+    def _next_logits(self, tokens: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
+        """[N,V] logits after feeding ``tokens`` [N] at ``positions`` [N]; ``cache`` (a DynamicCache) grows in place."""
+        if self.lean is not None:
+            return self.lean.step(tokens, mask, positions, cache)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
 
     def _hits_stop_string(self, token_ids: list[int], stop_strings: tuple[str, ...]) -> bool:
         if not stop_strings:

@@ -11,7 +11,19 @@ from rltrain.bench import learner
 
 def test_tree_benchmark_reports_fewer_tokens_and_equal_logprobs(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "learner.json"
-    argv = ["--tree", "--model", tiny_model_dir, "--prompts", "2", "--width", "4", "--repeats", "1"]
+    argv = [
+        "--tree",
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        "2",
+        "--width",
+        "4",
+        "--repeats",
+        "1",
+        "--micro-threads",
+        "2",
+    ]
     assert learner.main([*argv, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["batch"]["rows"] == 8
@@ -19,7 +31,7 @@ def test_tree_benchmark_reports_fewer_tokens_and_equal_logprobs(tiny_model_dir, 
     tokens = {mode: report["median"][mode]["tokens"] for mode in learner.MODES}
     assert tokens["shared"] < tokens["unshared"] and report["shared_over_unshared"]["tokens"] < 1
     printed = capsys.readouterr().out
-    assert "tree batch: 8 rows" in printed and "fewer" in printed
+    assert "tree batch: 8 rows" in printed and "micro_threads=2" in printed and "fewer" in printed
 
 
 def test_flat_groups_share_their_prompt(tiny_model_dir):

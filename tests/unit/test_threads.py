@@ -28,6 +28,22 @@ def test_phase_threads(omp, cores, rollout, learner, overlapping, expected):
     assert phase_threads(omp, cores, rollout, learner, overlapping) == expected
 
 
+@pytest.mark.parametrize(
+    ("cores", "learner", "overlapping", "micro_threads"),
+    [
+        (2, 1, True, 2),  # overlapping: the torch learner's micro_threads take up the cores a waiting rollout leaves
+        (2, 1, False, 2),
+        (16, 2, False, 8),
+        (2, 4, True, 1),
+    ],
+)
+def test_a_torch_learner_gets_a_micro_batch_thread_per_core(cores, learner, overlapping, micro_threads):
+    plan = phase_threads(1, cores, 1, learner, overlapping, micro_threads=True)
+    assert plan.learner_micro_threads == micro_threads
+    assert plan.learner == phase_threads(1, cores, 1, learner, overlapping).learner  # threads as without micro_threads
+    assert phase_threads(1, cores, 1, learner, overlapping).learner_micro_threads == 1  # a DeepSpeed group: none
+
+
 def cluster(**changes) -> SimpleNamespace:
     values = {"share_cpu_threads": True, "mode": "local", "omp_threads": 1, "num_cpus": 6}
     return SimpleNamespace(**{**values, **changes})
@@ -37,8 +53,12 @@ def test_run_plan_shares_a_local_cpu_machine_by_default():
     from rltrain.config import ClusterConfig
 
     assert ClusterConfig().share_cpu_threads is True
-    assert run_phase_threads(cluster(), 2, 1, cluster_gpus=0, overlapping=False) == PhaseThreads(3, 6)
-    assert run_phase_threads(cluster(), 2, 1, cluster_gpus=0, overlapping=True) == PhaseThreads(2, 2)
+    assert run_phase_threads(cluster(), 2, 1, cluster_gpus=0, overlapping=False, micro_threads=True) == PhaseThreads(
+        3, 6, 6
+    )
+    assert run_phase_threads(cluster(), 2, 1, cluster_gpus=0, overlapping=True, micro_threads=False) == PhaseThreads(
+        2, 2
+    )
 
 
 @pytest.mark.parametrize(
@@ -46,7 +66,9 @@ def test_run_plan_shares_a_local_cpu_machine_by_default():
     [({"share_cpu_threads": False}, 0), ({"mode": "address"}, 0), ({}, 1)],
 )
 def test_run_plan_keeps_the_started_threads_when_off_joined_or_on_gpus(changes, gpus):
-    assert run_phase_threads(cluster(**changes), 1, 1, cluster_gpus=gpus, overlapping=False) == PhaseThreads()
+    plan = run_phase_threads(cluster(**changes), 1, 1, cluster_gpus=gpus, overlapping=False, micro_threads=True)
+    assert plan == PhaseThreads()
+    assert plan.learner_micro_threads == 1
 
 
 @pytest.fixture

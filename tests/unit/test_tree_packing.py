@@ -201,8 +201,18 @@ def test_prefix_cached_logprobs_and_entropy_equal_the_unshared_path(model, flat_
     assert (shared - padded).abs().max() <= TOLERANCE
     assert (shared_entropy - padded_entropy).abs().max() <= TOLERANCE
     widest_response = int(flat_batch.response_mask.nonzero()[:, 1].max()) + 1
-    assert tokens == 3 * 9 + flat_batch.batch_size * widest_response  # 3 prompts once, as wide as the widest
+    # 3 prompts once, as wide as the widest; the responses as wide as the widest but for the last position
+    assert tokens == 3 * 9 + flat_batch.batch_size * (widest_response - 1)
     assert unshared == sum(token_counts(flat_batch))
+
+
+def test_one_token_responses_come_from_the_prompts_forward_alone(model):
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 250, (n,), generator=generator).tolist() for n in (5, 3)]
+    rows = _rows([prompts[0], prompts[0], prompts[1]], [[7], [9], [11]], [0, 0, 1], mask_edits=[])
+    padded, _, (shared, _, tokens, _) = _padded_and(model, rows, "sdpa", prefix_cached_logprobs)
+    assert (shared - padded).abs().max() <= TOLERANCE and padded.abs().sum() > 0
+    assert tokens == 2 * 5  # the two prompts, as wide as the widest; no response position
 
 
 def test_the_prefix_cache_serves_rows_that_share_only_their_prompt(model, batch, flat_batch):
