@@ -1,7 +1,8 @@
 """Seconds per training step and its phases; with ``--peer trl``, TRL's GRPOTrainer on the same workload.
 
 The workload (the defaults): the quickstart recipe with a random tiny Qwen2 (hidden 256, ~2.5M parameters, no
-SFT), 8 prompts x 4 samples x at most 32 tokens per step, one rollout worker; any Hydra override after the
+SFT), 8 prompts x 4 samples x at most 32 tokens per step, one rollout worker, run with rltrain's settings for it
+(``SETTINGS``: the asynchronous pipeline one step ahead, prompts shared per group); any Hydra override after the
 options changes it. Each rltrain run is the ``rltrain`` command in its own process (its own local Ray) for
 ``--steps`` steps; the phases come from its ``metrics.jsonl`` (``perf/*``), the first ``--warmup`` steps
 skipped, median per run. The TRL peer (rltrain/bench/trl_peer.py, its own process) trains the same model
@@ -32,6 +33,10 @@ WORKLOAD = (
     "rollout.max_tokens=32",
     "trainer.prompts_per_step=8",
 )
+# rltrain's settings for this workload (docs/benchmarks.md): the asynchronous pipeline one step ahead (importance-
+# corrected, docs/async.md) and each group's prompt computed once (the same losses to float rounding, learner.md).
+# ``trainer.max_staleness=0 learner.share_prefixes=false`` after the options runs the synchronous loop instead.
+SETTINGS = ("trainer.max_staleness=1", "learner.share_prefixes=true")
 # Nothing but steps in the timed run: no evaluation before, a tiny one after, no plots, W&B, bar or saves between.
 QUIET = (
     "trainer.eval_before=false",
@@ -180,7 +185,7 @@ def format_report(title: str, rltrain: dict[str, float], trl: dict[str, float] |
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = [*WORKLOAD, *QUIET, *args.overrides]
+    overrides = [*WORKLOAD, *SETTINGS, *QUIET, *args.overrides]
     cfg, prep = prepare_workload(args.recipe, overrides)
     spec = peer_spec(cfg, prep, args.steps, threads=len(os.sched_getaffinity(0))) if args.peer else None
     rltrain_runs, trl_runs, trl_reports = [], [], []
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     rltrain = median_of_runs(rltrain_runs)
     trl = median_of_runs(trl_runs) if trl_runs else None
     title = (
-        f"step time, {args.recipe} {' '.join(args.overrides)}".rstrip()
+        f"step time, {args.recipe} {' '.join([*SETTINGS, *args.overrides])}"
         + f": {args.runs} runs x {args.steps} steps (first {args.warmup} left out), median of run medians"
     )
     report = {

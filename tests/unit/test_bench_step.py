@@ -66,6 +66,24 @@ def test_bad_counts_are_refused(argv):
         step.parse_args(argv)
 
 
+def test_the_workload_runs_asynchronously_with_shared_prompts_unless_overridden(monkeypatch):
+    seen = []
+
+    class Prepared(Exception):
+        """Stops the bench where it would start preparing the model."""
+
+    def prepare_workload(recipe, overrides):
+        seen.append(overrides)
+        raise Prepared
+
+    monkeypatch.setattr(step, "prepare_workload", prepare_workload)
+    with pytest.raises(Prepared):
+        step.main(["trainer.max_staleness=0"])
+    overrides = seen[0]
+    assert {"trainer.max_staleness=1", "learner.share_prefixes=true", "rollout.n=4"} <= set(overrides)
+    assert overrides.index("trainer.max_staleness=0") > overrides.index("trainer.max_staleness=1")  # the last wins
+
+
 def test_overrides_follow_the_options():
     args = step.parse_args(["--runs", "2", "rollout.n=8", "trainer.prompts_per_step=4"])
     assert args.runs == 2 and args.peer is None
