@@ -68,24 +68,23 @@ def prefix_cached_logprobs(
     )
     response_ids = batch.response_ids[:, :response_width]
     # Response token 0 is predicted by its prompt's last position, token t by the response's position t - 1; the
-    # last position predicts nothing, so it is not computed.
-    logits = prompt_out.logits[row_prompt]
-    if response_width > 1:
-        inputs = response_ids[:, :-1]
-        offsets = torch.arange(response_width - 1, device=inputs.device)
-        response_out = model(
-            input_ids=inputs,
-            attention_mask=torch.cat([prompt_mask[row_prompt], torch.ones_like(inputs)], dim=1),
-            position_ids=prompt_lengths[:, None] + offsets,
-            past_key_values=select_cache_rows(prompt_out.past_key_values, row_prompt),
-            use_cache=True,
-        )
-        logits = torch.cat([logits, response_out.logits], dim=1)
+    # last position predicts nothing and is not fed, except for one-token responses: every micro-batch makes the
+    # same two forward calls, which ZeRO-3 ranks need to stay in step (a rank's filler micro-batch has one token).
+    inputs = response_ids[:, : max(1, response_width - 1)]
+    offsets = torch.arange(inputs.shape[1], device=inputs.device)
+    response_out = model(
+        input_ids=inputs,
+        attention_mask=torch.cat([prompt_mask[row_prompt], torch.ones_like(inputs)], dim=1),
+        position_ids=prompt_lengths[:, None] + offsets,
+        past_key_values=select_cache_rows(prompt_out.past_key_values, row_prompt),
+        use_cache=True,
+    )
+    logits = torch.cat([prompt_out.logits[row_prompt], response_out.logits[:, : response_width - 1]], dim=1)
     logprobs, entropy = token_logprobs(logits, response_ids, temperature, with_entropy)
     mask = batch.response_mask
     pad = (0, mask.shape[1] - response_width)
     logprobs = torch.nn.functional.pad(logprobs, pad) * mask
     if entropy is not None:
         entropy = torch.nn.functional.pad(entropy, pad) * mask
-    tokens = prompt_ids.numel() + response_ids[:, :-1].numel()
+    tokens = prompt_ids.numel() + inputs.numel()
     return logprobs, entropy, tokens, int((prompt_lengths + response_lengths).sum())

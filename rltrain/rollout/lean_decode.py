@@ -5,8 +5,8 @@ around tiny kernels: the model-level wrappers (output capturing, config defaults
 three query/key/value and two gate/up projections, the key/value heads repeated for grouped-query attention. This
 step runs the same computation with the model's own modules where they are cheap (norms, rotary embedding,
 output and down projections, activation, the ``DynamicCache``), one matrix product for the query/key/value
-projections and one for gate/up, and SDPA with its own grouped-query support: 5.1 ms instead of 7.1 ms for a
-32-row step of the step bench's 2.5M model (docs/benchmarks.md). Its logits equal HF's forward (to float rounding;
+projections and one for gate/up, and SDPA with its own grouped-query support (a fifth less time per generated
+token on the tiny models, docs/benchmarks.md). Its logits equal HF's forward (to float rounding;
 bit for bit on the CPUs we test, tests/unit/test_lean_decode.py), so the engine samples the same tokens.
 
 The fused projections cost no memory: the query/key/value (and gate/up) parameters become views of one tensor

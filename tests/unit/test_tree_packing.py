@@ -206,13 +206,13 @@ def test_prefix_cached_logprobs_and_entropy_equal_the_unshared_path(model, flat_
     assert unshared == sum(token_counts(flat_batch))
 
 
-def test_one_token_responses_come_from_the_prompts_forward_alone(model):
+def test_one_token_responses_still_make_the_response_forward(model):
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(5, 250, (n,), generator=generator).tolist() for n in (5, 3)]
     rows = _rows([prompts[0], prompts[0], prompts[1]], [[7], [9], [11]], [0, 0, 1], mask_edits=[])
     padded, _, (shared, _, tokens, _) = _padded_and(model, rows, "sdpa", prefix_cached_logprobs)
     assert (shared - padded).abs().max() <= TOLERANCE and padded.abs().sum() > 0
-    assert tokens == 2 * 5  # the two prompts, as wide as the widest; no response position
+    assert tokens == 2 * 5 + 3  # the two prompts, as wide as the widest, and the one response position (ZeRO-3)
 
 
 def test_the_prefix_cache_serves_rows_that_share_only_their_prompt(model, batch, flat_batch):
