@@ -39,11 +39,16 @@ lint: install-all
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers, one test file each at a time (module fixtures and module state stay in one process): a
+# serial integration run keeps the 2-core machine ~70% busy (its CLI runs wait on process starts, Ray and paced
+# steps), two workers ~96% (docs/testing.md).
+XDIST := -n 2 --dist loadfile
+
 unit: install-all
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q $(XDIST) tests/unit
 
 integration: install-all
-	RLTRAIN_REQUIRE_BACKENDS=1 $(BIN)/pytest -q -m integration tests/integration --durations=25
+	RLTRAIN_REQUIRE_BACKENDS=1 $(BIN)/pytest -q $(XDIST) -m integration tests/integration --durations=25
 
 # The launchers for real, after the integration suite: a one-node Slurm (installed and started here when this is a
 # root machine with apt-get; skipped with a banner otherwise) and a Ray head for launch/ray_job.sh (docs/cluster.md).
