@@ -4,24 +4,18 @@ import math
 
 import pytest
 import torch
+from signed_batches import signed_batch
 
 from rltrain import algo
 from rltrain.config import ConfigError
 from rltrain.learner.optim import clip_max_norm, update_is_finite
 from rltrain.learner.torch_learner import TorchLearner
-from rltrain.models import load_tokenizer
-from rltrain.types import FinishReason, GenResult, build_rollout_batch
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir):
     """4 rows of uneven response lengths with advantages +-1 and rollout logprobs as old logprobs."""
-    tokenizer = load_tokenizer(tiny_model_dir)
-    prompts = [tokenizer.encode(f"{10 + i}+{i}=") for i in range(4)]
-    results = [GenResult(tuple(range(5, 6 + i)), tuple([-1.0] * (1 + i)), FinishReason.STOP) for i in range(4)]
-    rows = build_rollout_batch(prompts, results, group=[0, 0, 1, 1], policy_version=0)
-    advantages = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]) * rows.response_mask
-    return rows.replace(advantages=advantages, old_logprobs=rows.rollout_logprobs)
+    return signed_batch(tiny_model_dir, [f"{10 + i}+{i}=" for i in range(4)], [1 + i for i in range(4)])
 
 
 def _weights(learner: TorchLearner) -> dict[str, torch.Tensor]:

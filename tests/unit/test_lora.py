@@ -9,15 +9,15 @@ import os
 import pytest
 import torch
 from omegaconf import OmegaConf
+from signed_batches import signed_batch
 
 from rltrain import algo
 from rltrain.checkpoint import CheckpointError, check_fingerprint
 from rltrain.config import ConfigError, LearnerConfig
 from rltrain.learner import lora
 from rltrain.learner.torch_learner import TorchLearner
-from rltrain.models import load_causal_lm, load_tokenizer
+from rltrain.models import load_causal_lm
 from rltrain.runtime import learner_options
-from rltrain.types import FinishReason, GenResult, build_rollout_batch
 
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
 
@@ -25,12 +25,7 @@ LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir):
     """4 rows of uneven response lengths with advantages +-1 and rollout logprobs as old logprobs."""
-    tokenizer = load_tokenizer(tiny_model_dir)
-    prompts = [tokenizer.encode(f"{10 + i}+{i}=") for i in range(4)]
-    results = [GenResult(tuple(range(5, 7 + i)), tuple([-1.0] * (2 + i)), FinishReason.STOP) for i in range(4)]
-    rows = build_rollout_batch(prompts, results, group=[0, 0, 1, 1], policy_version=0)
-    advantages = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]) * rows.response_mask
-    return rows.replace(advantages=advantages, old_logprobs=rows.rollout_logprobs)
+    return signed_batch(tiny_model_dir, [f"{10 + i}+{i}=" for i in range(4)], [2 + i for i in range(4)])
 
 
 def _learner(model_dir: str, **overrides) -> TorchLearner:

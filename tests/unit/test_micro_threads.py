@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from signed_batches import signed_batch
 
 from rltrain import algo
 from rltrain.learner.micro_batches import MicroBatching
 from rltrain.learner.micro_threads import MicroBatchThreads
 from rltrain.learner.torch_learner import TorchLearner
-from rltrain.models import load_tokenizer
-from rltrain.types import FinishReason, GenResult, build_rollout_batch
 
 
 def _toy_tasks(model: torch.nn.Module, inputs: list[torch.Tensor]):
@@ -98,12 +97,7 @@ def test_threads_cut_a_step_into_at_least_that_many_micro_batches_of_whole_group
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir):
     """4 rows in 2 prompt groups, uneven response lengths, advantages +-1, rollout logprobs as old logprobs."""
-    tokenizer = load_tokenizer(tiny_model_dir)
-    prompts = [tokenizer.encode(f"{10 + i // 2}+{i // 2}=") for i in range(4)]
-    results = [GenResult(tuple(range(5, 7 + i)), tuple([-1.0] * (2 + i)), FinishReason.STOP) for i in range(4)]
-    rows = build_rollout_batch(prompts, results, group=[0, 0, 1, 1], policy_version=0)
-    advantages = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]) * rows.response_mask
-    return rows.replace(advantages=advantages, old_logprobs=rows.rollout_logprobs)
+    return signed_batch(tiny_model_dir, [f"{10 + i // 2}+{i // 2}=" for i in range(4)], [2 + i for i in range(4)])
 
 
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
